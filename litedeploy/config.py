@@ -1,0 +1,221 @@
+"""Configuration dataclasses.
+
+`ModelConfig.from_hf` is the one place where Hugging Face config names are normalized: everything
+after it reads our field names only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from litedeploy.errors import ModelLoadError
+
+# HF architectures[0] -> our model family; older InternLM2 uploads say model_type "internlm".
+SUPPORTED_ARCHITECTURES = ("InternLM2ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    # None | "linear" | "dynamic" | "llama3"
+    scaling_type: str | None = None
+    factor: float = 1.0
+    # llama3 only
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    # dtype the checkpoint declares ("bfloat16", "float16", "float32")
+    checkpoint_dtype: str = "float32"
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else _arch_from_model_type(cfg.get("model_type"))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        hidden = cfg["hidden_size"]
+        num_heads = cfg["num_attention_heads"]
+        num_kv_heads = cfg.get("num_key_value_heads") or num_heads
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        qkv_bias = arch == "Qwen2ForCausalLM" or bool(
+            cfg.get("attention_bias", False) or (arch == "InternLM2ForCausalLM" and cfg.get("bias"))
+        )
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope=_rope_from_hf(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            hf_config=cfg,
+        )
+
+
+def _arch_from_model_type(model_type: str | None) -> str:
+    return {
+        "internlm2": "InternLM2ForCausalLM",
+        "internlm": "InternLM2ForCausalLM",
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+    }.get(model_type or "", str(model_type))
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
+    scaling = cfg.get("rope_scaling") or {}
+    # transformers >= 5 may store theta inside rope_parameters
+    params = cfg.get("rope_parameters") or {}
+    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    if not scaling and params.get("rope_type") not in (None, "default"):
+        scaling = params
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind in (None, "default"):
+        return RopeConfig(theta=theta)
+    if kind not in ("linear", "dynamic", "llama3"):
+        raise ModelLoadError(f"unsupported rope_scaling type {kind!r} (linear, dynamic, llama3)")
+    return RopeConfig(
+        theta=theta,
+        scaling_type=kind,
+        factor=float(scaling.get("factor", 1.0)),
+        low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            scaling.get("original_max_position_embeddings", 8192)
+        ),
+    )
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 64
+    # lmdeploy's meaning: fraction of free GPU memory after weights; on CPU of available RAM
+    cache_max_entry_count: float = 0.8
+    # absolute override in tokens (takes precedence when set)
+    max_cache_tokens: int | None = None
+    enable_prefix_caching: bool = False
+    quant_policy: int = 0
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_size: int = 128
+    max_prefill_token_num: int = 8192
+    session_len: int | None = None
+
+
+@dataclass
+class EngineConfig:
+    dtype: str = "auto"
+    device: str = "auto"
+    session_len: int | None = None
+    max_batch_size: int = 128
+    cache_max_entry_count: float = 0.8
+    cache_max_tokens: int | None = None
+    cache_block_seq_len: int = 64
+    enable_prefix_caching: bool = False
+    max_prefill_token_num: int = 8192
+    quant_policy: int = 0
+    model_format: str | None = None
+    chat_template: str | None = None
+    tp: int = 1
+    eager_mode: bool = False
+    load_format: str = "auto"  # "auto" | "dummy"
+    check_integrity: bool = False
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.cache_block_seq_len,
+            cache_max_entry_count=self.cache_max_entry_count,
+            max_cache_tokens=self.cache_max_tokens,
+            enable_prefix_caching=self.enable_prefix_caching,
+            quant_policy=self.quant_policy,
+        )
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_batch_size=self.max_batch_size,
+            max_prefill_token_num=self.max_prefill_token_num,
+            session_len=self.session_len,
+        )
+
+
+@dataclass
+class GenerationConfig:
+    """Per-request generation settings (lmdeploy's names and defaults)."""
+
+    n: int = 1
+    max_new_tokens: int | None = 512
+    do_sample: bool = False
+    top_p: float = 1.0
+    top_k: int = 50
+    min_p: float = 0.0
+    temperature: float = 0.8
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    random_seed: int | None = None
+    stop_words: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    min_new_tokens: int | None = None
+    skip_special_tokens: bool = True
+    logprobs: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+
+    @property
+    def is_greedy(self) -> bool:
+        # lmdeploy: do_sample=False forces greedy whatever temperature/top_k say
+        return not self.do_sample or self.top_k == 1 or self.temperature == 0.0

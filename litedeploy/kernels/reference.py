@@ -1,0 +1,138 @@
+"""Torch twins of every kernel: the CPU path and the oracle that GPU kernels are tested against.
+
+Conventions shared by all implementations (Triton ones must keep the same signatures):
+- token-major flat batches: `q` is [num_tokens, num_heads, head_dim], `k`/`v` [num_tokens, num_kv_heads,
+  head_dim]; sequences are concatenated, `cu_seqlens_q` [batch + 1] gives their boundaries.
+- the paged cache of one layer is `k_cache`/`v_cache` [num_blocks, block_size, num_kv_heads, head_dim].
+- `slot_mapping[t]` = block_id * block_size + offset for token t, or -1 for a padded row (no write).
+- `block_tables` [batch, max_blocks_per_seq] int32, padded with any valid id (never read past
+  `context_lens`); `context_lens[b]` counts every token of sequence b whose K/V is in the cache after
+  this step's store, i.e. the cached prefix plus this step's new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    block_size = k_cache.shape[1]
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, kv_heads, head_dim]
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    del block_size
+    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
+    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+
+
+def paged_attention_mask(
+    q_lens: torch.Tensor, context_lens: torch.Tensor, max_q_len: int, max_context_len: int
+) -> torch.Tensor:
+    """Boolean mask [batch, 1, max_q_len, max_context_len]: True where a query may attend.
+
+    Query i of sequence b sits at absolute position context_lens[b] - q_lens[b] + i; it sees every
+    cached key up to and including its own position. Padded query rows see key 0 so that softmax
+    never divides by zero (their output is discarded).
+    """
+    device = context_lens.device
+    q_idx = torch.arange(max_q_len, device=device)
+    k_idx = torch.arange(max_context_len, device=device)
+    q_pos = (context_lens - q_lens)[:, None] + q_idx[None, :]  # [batch, max_q_len]
+    mask = k_idx[None, None, :] <= q_pos[:, :, None]
+    mask &= k_idx[None, None, :] < context_lens[:, None, None]
+    pad_rows = q_idx[None, :] >= q_lens[:, None]
+    mask[pad_rows] = False
+    mask[..., 0] |= pad_rows
+    return mask[:, None]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_q_len: int,
+    max_context_len: int,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of each query token over its sequence's paged K/V (mixed prefill + decode).
+
+    Returns [num_tokens, num_heads, head_dim]. `mask` may be passed precomputed (it is the same for
+    every layer of a step).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    batch = block_tables.shape[0]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks_needed = (max_context_len + block_size - 1) // block_size
+    tables = block_tables[:, :num_blocks_needed].long()
+    # gather each sequence's blocks: [batch, blocks, block_size, kv_heads, D] -> [batch, kv, L, D]
+    keys = k_cache[tables].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_context_len]
+    values = v_cache[tables].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_context_len]
+    keys = keys.transpose(1, 2).to(q.dtype)
+    values = values.transpose(1, 2).to(q.dtype)
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    if mask is None:
+        mask = paged_attention_mask(q_lens, context_lens, max_q_len, max_context_len)
+    if max_q_len == 1 and num_tokens == batch:
+        padded_q = q[:, None]  # pure decode: one query per sequence
+    else:
+        padded_q = q.new_zeros(batch, max_q_len, num_heads, head_dim)
+        token_seq = torch.repeat_interleave(torch.arange(batch, device=q.device), q_lens)
+        token_pos = torch.arange(num_tokens, device=q.device) - cu_seqlens_q[:-1][token_seq]
+        padded_q[token_seq, token_pos] = q
+    out = F.scaled_dot_product_attention(
+        padded_q.transpose(1, 2),
+        keys,
+        values,
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=num_heads != num_kv_heads,
+    ).transpose(1, 2)  # [batch, max_q_len, heads, D]
+    if max_q_len == 1 and num_tokens == batch:
+        return out[:, 0]
+    return out[token_seq, token_pos]
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (normed, new_residual). With `residual`, x is first added to it (pre-norm blocks).
+
+    Matches HF: normalize in float32, cast back to the input dtype, then multiply by the weight.
+    """
+    if residual is not None:
+        x = x + residual
+    residual_out = x
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype), residual_out
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX-style ("rotate_half") rotary embedding. q [T, H, D], k [T, KVH, D], cos/sin [T, D/2]."""
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
