@@ -115,6 +115,50 @@ def write_bpe_tokenizer(
     (dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
+def write_metaspace_tokenizer(dir: Path, vocab_size: int = 400) -> None:
+    """A Llama-2-style `tokenizer.json` (Metaspace "▁" words, byte fallback, BOS `<s>` added by the
+    post-processor): its decoder drops the leading space of whatever token comes first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    byte_pieces = [f"<0x{value:02X}>" for value in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials + byte_pieces,
+        limit_alphabet=40,  # rare characters (Chinese, emoji) go through <0x..> byte pieces
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", specials.index("<s>"))]
+    )
+    spec = json.loads(tokenizer.to_str())
+    # The trainer registers the byte pieces as added tokens; as in Llama 2 they belong to the plain
+    # vocab only, so byte fallback uses them and skip_special_tokens keeps them.
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
+    (dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "chat_template": CHATML,
+    }
+    (dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
 def _added_token(content: str) -> dict:
     return {
         "content": content,
