@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,10 +46,10 @@ class Tokenizer:
     add_bos: bool
     special_token_ids: frozenset[int]
     chat_template: str | None
-    hf_tokenizer: Any  # transformers tokenizer, or None for pure SentencePiece
+    hf_tokenizer: Any = field(repr=False)  # transformers tokenizer; None for pure SentencePiece
     bos_token: str | None  # BOS as text ("<s>"), so templates that write it aren't doubled
     eos_token: str | None
-    _backend: _Backend
+    _backend: _Backend = field(repr=False)
 
     @classmethod
     def from_folder(cls, path: str, hf_config: dict) -> Tokenizer:
@@ -124,16 +125,21 @@ class Tokenizer:
 class _HFBackend:
     def __init__(self, hf: Any) -> None:
         self.hf = hf
+        # A Rust tokenizer used from two threads at once (engine step thread decoding, front-end
+        # encoding) can fail with "Already borrowed"; calls are short, so serialize them.
+        self._lock = threading.Lock()
 
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=False: no post-processor BOS/EOS; Tokenizer.encode adds BOS itself.
-        return list(self.hf.encode(text, add_special_tokens=False))
+        with self._lock:
+            return list(self.hf.encode(text, add_special_tokens=False))
 
     def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         # No clean-up of spaces: it would make a window's decode disagree with the full decode.
-        return self.hf.decode(
-            ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
-        )
+        with self._lock:
+            return self.hf.decode(
+                ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+            )
 
 
 class _SentencePieceBackend:
