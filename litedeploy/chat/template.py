@@ -8,11 +8,14 @@ cover models without a template; InternLM2's is LMDeploy's classic `internlm2` f
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from litedeploy.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 INTERNLM2_META_INSTRUCTION = (
     "You are an AI assistant whose name is InternLM (书生·浦语).\n"
@@ -104,7 +107,7 @@ class ChatTemplate:
         cls, tokenizer: Tokenizer, override: str | None = None, model_type: str | None = None
     ) -> ChatTemplate:
         """Pick the template: `override` (built-in name, .jinja or .json file), else the tokenizer's
-        own, else a built-in for `model_type`."""
+        own, else a built-in for `model_type` (ChatML, with a warning, when none fits)."""
         template_vars = _special_token_vars(tokenizer)
         if override is not None:
             name, source, stop_words = _load_override(override)
@@ -232,11 +235,16 @@ def _default_builtin(tokenizer: Tokenizer, model_type: str | None) -> str:
         return _DEFAULT_BY_MODEL_TYPE[kind]
     if kind == "llama" and tokenizer.token_id("<|eot_id|>") is not None:
         return "llama3"
-    raise ValueError(
-        f"the tokenizer has no chat template and model type {model_type!r} has no default one: "
-        f"pass a chat template, one of the built-ins ({', '.join(sorted(BUILTIN_TEMPLATES))}), "
-        "a .jinja file or a .json file"
+    # A base model without a template must still load (plain completions need none), so fall
+    # back to ChatML rather than fail; say how to choose another.
+    logger.warning(
+        "the tokenizer has no chat template and model type %r has no default one; using "
+        "'chatml'. Pass a chat template to change it: one of the built-ins (%s), a .jinja file "
+        "or a .json file",
+        model_type,
+        ", ".join(sorted(BUILTIN_TEMPLATES)),
     )
+    return "chatml"
 
 
 def _stop_words_in(source: str) -> list[str]:
