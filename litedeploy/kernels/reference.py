@@ -80,8 +80,11 @@ def paged_attention(
     # gather each sequence's blocks: [batch, blocks, block_size, kv_heads, D] -> [batch, kv, L, D]
     keys = k_cache[tables].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_context_len]
     values = v_cache[tables].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_context_len]
-    keys = keys.transpose(1, 2).to(q.dtype)
-    values = values.transpose(1, 2).to(q.dtype)
+    # slots past a sequence's context hold whatever the cache had (possibly NaN bits): zero them,
+    # as the GPU kernels do by never loading them, so masked scores stay exactly zero
+    beyond = torch.arange(max_context_len, device=q.device)[None, :] >= context_lens[:, None]
+    keys = keys.masked_fill(beyond[:, :, None, None], 0).transpose(1, 2).to(q.dtype)
+    values = values.masked_fill(beyond[:, :, None, None], 0).transpose(1, 2).to(q.dtype)
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     if mask is None:
         mask = paged_attention_mask(q_lens, context_lens, max_q_len, max_context_len)

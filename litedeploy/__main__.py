@@ -1,0 +1,3 @@
+from litedeploy.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,136 @@
+"""The Python API, mirroring lmdeploy: `pipeline(model_path)(prompts, gen_config=...)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from litedeploy.config import EngineConfig, GenerationConfig
+from litedeploy.engine.engine import LLMEngine
+from litedeploy.engine.request import RequestOutput
+
+Prompt = str | list[dict]
+
+
+@dataclass
+class Response:
+    text: str
+    generate_token_len: int
+    input_token_len: int
+    finish_reason: str | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None
+    index: int = 0
+
+
+@dataclass
+class Session:
+    """A conversation: the history is re-sent each turn; prefix caching makes that cheap."""
+
+    session_id: int
+    messages: list[dict] = field(default_factory=list)
+    response: Response | None = None
+
+    def close(self) -> None:
+        self.messages.clear()
+        self.response = None
+
+
+class Pipeline:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def _encode(self, prompt: Prompt, do_preprocess: bool) -> list[int]:
+        template, tokenizer = self.engine.bundle.chat_template, self.engine.tokenizer
+        if isinstance(prompt, str) and not do_preprocess:
+            return tokenizer.encode(prompt)
+        return template.encode(tokenizer, prompt)
+
+    def __call__(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | None = None,
+                 do_preprocess: bool = True) -> Response | list[Response]:
+        single = isinstance(prompts, str) or (
+            bool(prompts) and isinstance(prompts[0], dict))
+        batch = [prompts] if single else list(prompts)
+        responses = [Response("", 0, 0, None, index=i) for i in range(len(batch))]
+        for delta in self.stream_infer(batch, gen_config, do_preprocess):
+            total = responses[delta.index]
+            total.text += delta.text
+            total.token_ids += delta.token_ids
+            if delta.logprobs is not None:
+                total.logprobs = (total.logprobs or []) + delta.logprobs
+            total.finish_reason = delta.finish_reason
+            total.input_token_len = delta.input_token_len
+            total.generate_token_len = delta.generate_token_len
+        return responses[0] if single else responses
+
+    infer = __call__
+
+    def stream_infer(self, prompts: Prompt | list[Prompt],
+                     gen_config: GenerationConfig | None = None,
+                     do_preprocess: bool = True) -> Iterator[Response]:
+        """Yields partial Responses (`text` is the delta; `index` tells which prompt)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        gen = gen_config or GenerationConfig()
+        index_of: dict[str, int] = {}
+        for index, prompt in enumerate(prompts):
+            request_id = f"pipe-{next(self._ids)}"
+            self.engine.add_request(request_id, self._encode(prompt, do_preprocess), gen)
+            index_of[request_id] = index
+        pending = set(index_of)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.request_id not in index_of:
+                        continue
+                    if out.finished:
+                        pending.discard(out.request_id)
+                    yield _to_response(out, index_of[out.request_id])
+        finally:
+            for request_id in pending:  # the consumer stopped early: free the blocks
+                self.engine.abort(request_id)
+            while self.engine.has_unfinished() and pending:
+                self.engine.step()
+                pending.clear()
+
+    def session(self) -> Session:
+        return Session(next(self._ids))
+
+    def chat(self, prompt: str, session: Session | None = None,
+             gen_config: GenerationConfig | None = None) -> Session:
+        session = session or self.session()
+        session.messages.append({"role": "user", "content": prompt})
+        response = self(list(session.messages), gen_config)
+        session.messages.append({"role": "assistant", "content": response.text})
+        session.response = response
+        return session
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _to_response(out: RequestOutput, index: int) -> Response:
+    return Response(out.text, out.generate_token_len, out.input_token_len, out.finish_reason,
+                    list(out.token_ids), out.logprobs, index)
+
+
+def pipeline(model_path: str | None = None, backend_config: EngineConfig | None = None,
+             chat_template_config: str | None = None, log_level: str = "WARNING",
+             **kwargs) -> Pipeline:
+    """Load a model (a Hugging Face folder or a GGUF file; None = the embedded default)."""
+    config = backend_config or EngineConfig(**kwargs)
+    if chat_template_config is not None:
+        config.chat_template = chat_template_config
+    return Pipeline(LLMEngine.from_pretrained(model_path, config))

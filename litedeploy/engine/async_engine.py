@@ -1,0 +1,161 @@
+"""AsyncEngine: one background thread steps the LLMEngine; each request streams through a queue.
+
+Front-ends (terminal chat, OpenAI server, Gradio) are clients of this class only. Leaving the async
+iterator early (a client disconnect, a cancelled task) aborts the request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from litedeploy.config import EngineConfig, GenerationConfig
+from litedeploy.engine.engine import LLMEngine
+from litedeploy.engine.request import RequestOutput
+from litedeploy.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Command:
+    kind: str  # "add" | "abort"
+    request_id: str
+    prompt_ids: list[int] | None = None
+    gen: GenerationConfig | None = None
+    sink: "_Sink | None" = None
+
+
+class _Sink:
+    """Delivers outputs from the engine thread to the asyncio loop of the consumer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: RequestOutput | Exception) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.chat_template = engine.bundle.chat_template
+        self.model_name = engine.bundle.name
+        self._commands: queue.Queue[_Command] = queue.Queue()
+        self._sinks: dict[str, _Sink] = {}
+        self._ids = itertools.count()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="litedeploy-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | None = None,
+                        config: EngineConfig | None = None) -> "AsyncEngine":
+        return cls(LLMEngine.from_pretrained(model_path, config))
+
+    # ---- prompts -----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[dict], do_preprocess: bool = True) -> list[int]:
+        """Messages or a string -> token ids; a string goes through the chat template unless
+        do_preprocess is False (then it is encoded as raw text with BOS)."""
+        if self.tokenizer is None:
+            raise RequestError("this engine was loaded without a tokenizer (--load-format dummy)")
+        if isinstance(prompt, str) and not do_preprocess:
+            return self.tokenizer.encode(prompt)
+        return self.chat_template.encode(self.tokenizer, prompt)
+
+    # ---- generation --------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | list[dict] | None,
+        gen: GenerationConfig | None = None,
+        *,
+        input_ids: list[int] | None = None,
+        request_id: str | None = None,
+        do_preprocess: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields incremental outputs; the last one has `finished` True. Raises RequestError
+        before yielding anything when the request can never be served."""
+        gen = gen or GenerationConfig()
+        prompt_ids = input_ids if input_ids is not None else self.encode_prompt(prompt, do_preprocess)
+        request_id = request_id or f"req-{next(self._ids)}"
+        sink = _Sink(asyncio.get_running_loop())
+        self._commands.put(_Command("add", request_id, prompt_ids, gen, sink))
+        finished = False
+        try:
+            while True:
+                item = await sink.queue.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._commands.put(_Command("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Command("abort", request_id))
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._commands.put(_Command("abort", ""))
+        self._thread.join(timeout=10)
+
+    # ---- the engine thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            block = not self.engine.has_unfinished()
+            self._drain_commands(block)
+            if self._stopped.is_set():
+                break
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - never let the thread die silently
+                logger.exception("engine step crashed")
+                for sink in self._sinks.values():
+                    sink.put(exc)
+                self._sinks.clear()
+                continue
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if sink is None:
+                    continue
+                sink.put(out)
+                if out.finished:
+                    self._sinks.pop(out.request_id, None)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return
+        while True:
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, command: _Command) -> None:
+        if command.kind == "abort":
+            if self.engine.abort(command.request_id):
+                self._sinks.pop(command.request_id, None)
+            return
+        try:
+            self.engine.add_request(command.request_id, command.prompt_ids, command.gen)
+        except Exception as exc:  # noqa: BLE001 - reported to that request's consumer only
+            command.sink.put(exc)
+            return
+        self._sinks[command.request_id] = command.sink

@@ -1,0 +1,186 @@
+"""LLMEngine: requests in, incremental outputs out, one `step()` at a time (synchronous).
+
+The engine is the only place that touches the model. It is not thread-safe: AsyncEngine drives it
+from one background thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+
+
+from litedeploy.config import EngineConfig, GenerationConfig
+from litedeploy.engine.block_manager import BlockManager
+from litedeploy.engine.detokenizer import IncrementalDetokenizer
+from litedeploy.engine.kv_cache import KVCache, plan_cache
+from litedeploy.engine.model_runner import ModelRunner
+from litedeploy.engine.request import RequestOutput, RequestState
+from litedeploy.engine.sampler import Sampler
+from litedeploy.engine.scheduler import Scheduler
+from litedeploy.engine.sequence import Sequence
+from litedeploy.errors import RequestError
+from litedeploy.model_bundle import ModelBundle, load_bundle
+from litedeploy.reference_generation import sampling_row
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, bundle: ModelBundle, config: EngineConfig):
+        self.bundle = bundle
+        self.config = config
+        self.model_config = bundle.model_config
+        self.tokenizer = bundle.tokenizer
+        self.device = bundle.device
+        self.session_len = config.session_len or self.model_config.max_position_embeddings
+        cache_shape = plan_cache(
+            self.model_config, config.cache_config(), bundle.dtype, self.device,
+            max_useful_tokens=config.max_batch_size * self.session_len,
+        )
+        self.kv_cache = KVCache(cache_shape, self.device)
+        self.block_manager = BlockManager(
+            cache_shape.num_blocks, cache_shape.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_batch_size, config.max_prefill_token_num,
+            self.session_len,
+        )
+        self.runner = ModelRunner(bundle.model, self.kv_cache, self.device)
+        self.sampler = Sampler(self.device)
+        self._seq_ids = itertools.count()
+        self._requests: dict[str, Sequence] = {}
+        self._finished_outputs: list[RequestOutput] = []
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | None = None,
+                        config: EngineConfig | None = None) -> "LLMEngine":
+        config = config or EngineConfig()
+        return cls(load_bundle(model_path, config), config)
+
+    # ---- requests ----------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], gen: GenerationConfig) -> None:
+        """Queue a request; raises RequestError at once when it can never be served."""
+        gen.validate()
+        if request_id in self._requests:
+            raise RequestError(f"request id {request_id!r} is already running")
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: give at least one token")
+        if max(prompt_ids) >= self.model_config.vocab_size or min(prompt_ids) < 0:
+            raise RequestError(f"token ids must be in [0, {self.model_config.vocab_size})")
+        max_new = gen.max_new_tokens or max(1, self.session_len - len(prompt_ids))
+        stop_ids = frozenset() if gen.ignore_eos else frozenset(
+            set(self.bundle.stop_token_ids) | set(gen.stop_token_ids or ()))
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, gen.skip_special_tokens)
+        if gen.random_seed is None and not gen.is_greedy:
+            # fixed per request, so its draws do not depend on what else is in the batch
+            gen = dataclasses.replace(gen, random_seed=random.getrandbits(63))
+        state = RequestState(request_id, gen, list(prompt_ids), stop_ids, detok)
+        seq = Sequence(next(self._seq_ids), list(prompt_ids), len(prompt_ids), max_new,
+                       payload=state)
+        self.scheduler.add(seq)  # raises RequestError when it can never fit
+        self._requests[request_id] = seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.abort(seq.seq_id)
+        state: RequestState = seq.payload
+        state.finish_reason = "abort"
+        self._finished_outputs.append(state.take_output(seq.num_cached_tokens))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._finished_outputs)
+
+    # ---- stepping ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._finished_outputs = self._finished_outputs, []
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            if not self.scheduler.has_unfinished() and self.config.check_integrity:
+                self.scheduler.check_integrity()
+            return outputs
+        try:
+            logits = self.runner.run(batch)
+            ready = self.scheduler.update(batch)
+            rows = [self._sampling_row(seq) for seq in ready]
+            sampled = self.sampler(logits, rows) if ready else []
+        except Exception as exc:  # noqa: BLE001 - a failed step must free its whole batch
+            logger.exception("engine step failed")
+            return outputs + self._fail_batch([item.seq for item in batch.scheduled], exc)
+        for seq, token in zip(ready, sampled):
+            state: RequestState = seq.payload
+            state.add_token(token, seq.max_new_tokens)
+            if state.finish_reason is None:
+                seq.append_token(token.token_id)
+            else:
+                self.scheduler.finish(seq)
+                self._requests.pop(state.request_id, None)
+            outputs.append(state.take_output(seq.num_cached_tokens))
+        if not self.scheduler.has_unfinished() and self.config.check_integrity:
+            self.scheduler.check_integrity()
+        return outputs
+
+    def _sampling_row(self, seq: Sequence):
+        state: RequestState = seq.payload
+        return sampling_row(state.gen, state.prompt_ids, state.output_ids, state.stop_ids)
+
+    def _fail_batch(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
+        outputs = []
+        for seq in seqs:
+            state: RequestState = seq.payload
+            self.scheduler.finish(seq)
+            self._requests.pop(state.request_id, None)
+            state.finish_reason = "error"
+            output = state.take_output(seq.num_cached_tokens)
+            output.error = f"{type(exc).__name__}: {exc}"
+            outputs.append(output)
+        return outputs
+
+    # ---- introspection -----------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_usage": bm.usage(),
+            "num_free_blocks": bm.num_free_blocks,
+            "num_blocks": bm.num_blocks,
+        }
+
+    def generate(self, prompts: list[list[int]], gen: GenerationConfig) -> list[RequestOutput]:
+        """Blocking helper: run a batch to completion; one merged output per prompt."""
+        ids = [f"batch-{next(self._seq_ids)}-{i}" for i in range(len(prompts))]
+        for request_id, prompt in zip(ids, prompts):
+            self.add_request(request_id, prompt, gen)
+        merged = {request_id: _empty_output(request_id) for request_id in ids}
+        pending = set(ids)
+        while pending:
+            for out in self.step():
+                if out.request_id in merged:
+                    _merge(merged[out.request_id], out)
+                    if out.finished:
+                        pending.discard(out.request_id)
+        return [merged[i] for i in ids]
+
+
+def _empty_output(request_id: str) -> RequestOutput:
+    return RequestOutput(request_id, "", [], None, False, None, 0, 0)
+
+
+def _merge(total: RequestOutput, delta: RequestOutput) -> None:
+    total.text += delta.text
+    total.token_ids += delta.token_ids
+    if delta.logprobs is not None:
+        total.logprobs = (total.logprobs or []) + delta.logprobs
+    total.finished, total.finish_reason = delta.finished, delta.finish_reason
+    total.input_token_len, total.generate_token_len = delta.input_token_len, delta.generate_token_len
+    total.num_cached_tokens, total.error = delta.num_cached_tokens, delta.error
+
+

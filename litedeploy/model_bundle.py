@@ -1,0 +1,82 @@
+"""Everything loaded for one model: weights, tokenizer, chat template and stop tokens."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from litedeploy.chat.template import ChatTemplate
+from litedeploy.config import EngineConfig, ModelConfig
+from litedeploy.loader.model_loader import ModelSource, load_model, open_source
+from litedeploy.models.decoder import DecoderForCausalLM
+from litedeploy.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelBundle:
+    name: str
+    source: ModelSource
+    model: DecoderForCausalLM
+    model_config: ModelConfig
+    tokenizer: Tokenizer | None  # None with --load-format dummy
+    chat_template: ChatTemplate | None
+    stop_token_ids: frozenset[int]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def resolve_model_path(model_path: str | None) -> str:
+    if model_path:
+        return model_path
+    from litedeploy.loader.default_model import default_model_path
+
+    return default_model_path()
+
+
+def load_bundle(model_path: str | None, config: EngineConfig) -> ModelBundle:
+    source = open_source(resolve_model_path(model_path))
+    model, model_config = load_model(source, config.dtype, config.device, config.load_format)
+    tokenizer = template = None
+    if config.load_format != "dummy":
+        tokenizer = _load_tokenizer(source)
+        template = ChatTemplate.resolve(
+            tokenizer, config.chat_template, model_type=source.hf_config.get("model_type")
+        )
+    stop_ids = _stop_token_ids(source, model_config, tokenizer, template)
+    return ModelBundle(source.name, source, model, model_config, tokenizer, template, stop_ids)
+
+
+def _load_tokenizer(source: ModelSource) -> Tokenizer:
+    if source.is_gguf:
+        return Tokenizer.from_hf(source.gguf.load_tokenizer(), source.hf_config)
+    return Tokenizer.from_folder(str(source.path), source.hf_config)
+
+
+def _stop_token_ids(source: ModelSource, model_config: ModelConfig, tokenizer: Tokenizer | None,
+                    template: ChatTemplate | None) -> frozenset[int]:
+    """Template stop words (single tokens) + tokenizer eos + generation_config.json eos ids."""
+    ids = set(model_config.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if template is not None and tokenizer is not None:
+        for word in template.stop_words:
+            token_id = tokenizer.token_id(word)
+            if token_id is not None:
+                ids.add(token_id)
+    gen_config_path = Path(source.path) / "generation_config.json"
+    if not source.is_gguf and gen_config_path.exists():
+        eos = json.loads(gen_config_path.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return frozenset(ids)
