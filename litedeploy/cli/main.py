@@ -1,0 +1,65 @@
+"""`litedeploy` entry point: subcommands register themselves from their own modules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from litedeploy import __version__
+from litedeploy.cli.args import HelpFormatter
+from litedeploy.errors import LiteDeployError
+
+# subcommand modules; each defines add_parser(subparsers) and run(args) -> int
+_COMMANDS = ("chat", "serve", "bench", "info")
+
+
+def _normalize_flags(argv: list[str]) -> list[str]:
+    """Accept lmdeploy's --foo_bar spelling as --foo-bar."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="litedeploy", formatter_class=HelpFormatter,
+        description="Deploy and serve chat LLMs on one modest GPU or a plain CPU.")
+    parser.add_argument("--version", action="version", version=f"litedeploy {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"litedeploy.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"litedeploy.cli.{name}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _normalize_flags(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except LiteDeployError as exc:
+        print(f"litedeploy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
