@@ -1,0 +1,339 @@
+"""Triton twin of `reference.paged_attention`: decode (split-K, GQA-packed) and prefill kernels.
+
+Both read K/V token by token through the block table, so a tile of BLOCK_N keys may span several
+cache blocks: any block_size works with any tile size. Softmax runs in base 2 (exp2) with the
+scale folded into log2(e); accumulation is float32. Imported only when the device is CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2_E = 1.4426950408889634
+
+
+# fmt: off
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, out_ptr,
+    partial_out_ptr, partial_lse_ptr, qk_scale_log2, partition_len, num_splits, stride_q_token,
+    stride_q_head, stride_cache_slot, stride_table_row, stride_o_token, stride_o_head,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+):
+    # fmt: on
+    """One program: every query head of one KV head of one sequence, over one context partition."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    token = tl.load(cu_seqlens_q_ptr + seq)
+    if tl.load(cu_seqlens_q_ptr + seq + 1) == token:  # a sequence with no query this step
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+    start = split * partition_len
+    end = tl.minimum(start + partition_len, context_len)
+
+    groups = tl.arange(0, BLOCK_G)
+    heads = kv_head * GROUP + groups
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    q_mask = (groups[:, None] < GROUP) & dim_mask[None, :]
+    q_rows = token.to(tl.int64) * stride_q_token + heads[:, None] * stride_q_head
+    q = tl.load(q_ptr + q_rows + dims[None, :], mask=q_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_row
+    # K and V caches share one contiguous layout: a slot's row of this kv head is one pointer
+    k_head_ptr = k_cache_ptr + kv_head * HEAD_DIM
+    v_head_ptr = v_cache_ptr + kv_head * HEAD_DIM
+
+    max_score = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        keys = tile_start + tl.arange(0, BLOCK_N)
+        key_mask = keys < end
+        # a tile may span cache blocks: look up each key's block
+        block_ids = tl.load(table_row + keys // BLOCK_SIZE, mask=key_mask, other=0)
+        slots = block_ids.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
+        kv_offsets = slots[:, None] * stride_cache_slot + dims[None, :]
+        kv_mask = key_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        scores = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2  # [BLOCK_G, BLOCK_N]
+        scores = tl.where(key_mask[None, :], scores, float("-inf"))
+        new_max = tl.maximum(max_score, tl.max(scores, axis=1))
+        rescale = tl.exp2(max_score - new_max)
+        probs = tl.exp2(scores - new_max[:, None])
+        v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        denom = denom * rescale + tl.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(q.dtype), v.to(q.dtype))
+        max_score = new_max
+
+    has_keys = denom > 0  # false for an empty partition (or an empty context): write zeros
+    out = acc / tl.where(has_keys, denom, 1.0)[:, None]
+    if SPLIT:
+        lse = tl.where(has_keys, max_score + tl.log2(tl.where(has_keys, denom, 1.0)), float("-inf"))
+        # partial buffers are [batch, num_heads, num_splits(, BLOCK_D)], contiguous
+        partial_row = (seq.to(tl.int64) * tl.num_programs(1) * GROUP + heads) * num_splits + split
+        tl.store(partial_lse_ptr + partial_row, lse, mask=groups < GROUP)
+        tl.store(partial_out_ptr + partial_row[:, None] * BLOCK_D + dims[None, :], out, mask=q_mask)
+    else:
+        o_rows = token.to(tl.int64) * stride_o_token + heads[:, None] * stride_o_head
+        tl.store(out_ptr + o_rows + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+# fmt: off
+@triton.jit
+def _reduce_splits_kernel(
+    partial_out_ptr, partial_lse_ptr, cu_seqlens_q_ptr, out_ptr, num_splits, stride_o_token,
+    stride_o_head, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # fmt: on
+    """Merge the partitions of one (sequence, head): weights 2^(lse_i - max lse)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    token = tl.load(cu_seqlens_q_ptr + seq)
+    if tl.load(cu_seqlens_q_ptr + seq + 1) == token:
+        return
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    row = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits
+    lse = tl.load(partial_lse_ptr + row + splits, mask=splits < num_splits, other=float("-inf"))
+    max_lse = tl.max(lse, axis=0)
+    weights = tl.exp2(lse - tl.where(max_lse == float("-inf"), 0.0, max_lse))
+    tile_mask = (splits[:, None] < num_splits) & (dims[None, :] < HEAD_DIM)
+    partial = tl.load(
+        partial_out_ptr + (row + splits[:, None]) * BLOCK_D + dims[None, :],
+        mask=tile_mask,
+        other=0.0,
+    )
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    o_row = token.to(tl.int64) * stride_o_token + head * stride_o_head
+    tl.store(out_ptr + o_row + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+# fmt: off
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, out_ptr,
+    qk_scale_log2, stride_q_token, stride_q_head, stride_cache_slot, stride_table_row,
+    stride_o_token, stride_o_head, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # fmt: on
+    """One program: BLOCK_M queries of one head of one sequence, over its prefix and chunk."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_tile = tl.program_id(2)
+    first_token = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - first_token
+    if q_tile * BLOCK_M >= q_len:
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+    kv_head = head // GROUP
+
+    q_idx = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_row_mask = q_idx < q_len
+    q_pos = context_len - q_len + q_idx  # absolute position of each query in its sequence
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    tile_mask = q_row_mask[:, None] & dim_mask[None, :]
+    q_rows = (first_token + q_idx).to(tl.int64) * stride_q_token + head * stride_q_head
+    q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_row
+    # K and V caches share one contiguous layout: a slot's row of this kv head is one pointer
+    k_head_ptr = k_cache_ptr + kv_head * HEAD_DIM
+    v_head_ptr = v_cache_ptr + kv_head * HEAD_DIM
+
+    max_score = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # causal: the last query of this tile sees keys up to its own position
+    key_end = tl.minimum(context_len, context_len - q_len + (q_tile + 1) * BLOCK_M)
+    for tile_start in range(0, key_end, BLOCK_N):
+        keys = tile_start + tl.arange(0, BLOCK_N)
+        key_mask = keys < key_end
+        # a tile may span cache blocks: look up each key's block
+        block_ids = tl.load(table_row + keys // BLOCK_SIZE, mask=key_mask, other=0)
+        slots = block_ids.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
+        kv_offsets = slots[:, None] * stride_cache_slot + dims[None, :]
+        kv_mask = key_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        scores = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
+        visible = key_mask[None, :] & (keys[None, :] <= q_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        # rows with nothing visible yet (padded queries) keep a finite max so exp2 gives 0, not NaN
+        new_max = tl.maximum(max_score, tl.max(scores, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(max_score - safe_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        denom = denom * rescale + tl.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(q.dtype), v.to(q.dtype))
+        max_score = new_max
+
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    o_rows = (first_token + q_idx).to(tl.int64) * stride_o_token + head * stride_o_head
+    tl.store(
+        out_ptr + o_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_mask
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_q_len: int,
+    max_context_len: int,
+    scale: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as `reference.paged_attention`; `mask` is accepted and ignored (the kernels
+    build the standard causal-over-prefix mask themselves). Dispatches on max_q_len == 1."""
+    del mask
+    if max_q_len == 1:
+        return decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_context_len, scale
+        )
+    return prefill_attention(
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_q_len, scale
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_context_len: int,
+    scale: float,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Every sequence has at most one query. Split-K over the context when the grid is small.
+
+    `num_splits` None picks enough partitions to fill the GPU; a fixed value (as CUDA graphs need
+    for a fixed grid) is always correct, empty partitions included.
+    """
+    q = _last_dim_contiguous(q)
+    batch = block_tables.shape[0]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if num_splits is None:
+        num_splits = _pick_num_splits(batch * num_kv_heads, max_context_len, block_n, q.device)
+    partition_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
+    split = num_splits > 1
+    if split:
+        partial_out = torch.empty(
+            batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device
+        )
+        partial_lse = torch.empty(
+            batch, num_heads, num_splits, dtype=torch.float32, device=q.device
+        )
+    else:
+        partial_out = partial_lse = out  # unused
+    strides = (
+        *q.stride()[:2],
+        _cache_slot_stride(k_cache, v_cache),
+        block_tables.stride(0),
+        *out.stride()[:2],
+    )
+    # fmt: off
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, partial_out,
+        partial_lse, scale * _LOG2_E, partition_len, num_splits, *strides, GROUP=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, SPLIT=split, num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    # fmt: on
+    if split:
+        # fmt: off
+        _reduce_splits_kernel[(batch, num_heads)](
+            partial_out, partial_lse, cu_seqlens_q, out, num_splits, *out.stride()[:2],
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+        # fmt: on
+    return out
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_q_len: int,
+    scale: float,
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Variable-length chunks attending to their cached prefix, causal inside the chunk."""
+    q = _last_dim_contiguous(q)
+    batch = block_tables.shape[0]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_heads // k_cache.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    strides = (
+        *q.stride()[:2],
+        _cache_slot_stride(k_cache, v_cache),
+        block_tables.stride(0),
+        *out.stride()[:2],
+    )
+    grid = (batch, num_heads, triton.cdiv(max(max_q_len, 1), block_m))
+    # fmt: off
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale * _LOG2_E,
+        *strides, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    # fmt: on
+    return out
+
+
+def _cache_slot_stride(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """The kernels address a slot as block_id * block_size + offset in one contiguous layout."""
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
+    assert k_cache.shape == v_cache.shape, "k_cache and v_cache must have one shape"
+    return k_cache.stride(1)
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _pick_num_splits(
+    num_programs: int, max_context_len: int, block_n: int, device: torch.device
+) -> int:
+    """Partitions per sequence so that about two waves of programs cover the GPU, each partition
+    keeping at least 4 tiles of keys (shorter ones spend more on the merge than they save)."""
+    target_programs = 2 * _num_sms(device)
+    if num_programs >= target_programs:
+        return 1
+    max_useful = max(1, max_context_len // (4 * block_n))
+    return max(1, min(triton.cdiv(target_programs, num_programs), max_useful, 64))
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # interpreter runs on CPU: behave like an H100
+    return torch.cuda.get_device_properties(device).multi_processor_count

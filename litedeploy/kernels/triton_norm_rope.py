@@ -1,0 +1,202 @@
+"""Triton twins of `reference.rms_norm` (fused residual add) and `reference.apply_rope` (NeoX).
+
+Imported only when the device is CUDA (it imports triton at module load).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    residual_out_ptr,
+    hidden_size,
+    eps,
+    stride_x_row,
+    stride_residual_row,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden_size
+    x = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_residual_row + cols, mask=mask, other=0.0)
+        # the sum is rounded to the input dtype first, as torch's `x + residual` does
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row * hidden_size + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    variance = tl.sum(x32 * x32, axis=0) / hidden_size
+    normed = (x32 * tl.rsqrt(variance + eps)).to(x_ptr.dtype.element_ty)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    out = normed.to(tl.float32) * weight.to(tl.float32)
+    tl.store(out_ptr + row * hidden_size + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (normed, new_residual); with `residual`, x + residual is normalized (one pass)."""
+    hidden_size = x.shape[-1]
+    x2d = _rows(x)
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    residual2d = _rows(residual) if residual is not None else x2d
+    residual_out = (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x
+    )
+    num_rows = x2d.shape[0]
+    if num_rows == 0:
+        return out, residual_out
+    block = triton.next_power_of_2(hidden_size)
+    _rms_norm_kernel[(num_rows,)](
+        x2d,
+        residual2d,
+        weight,
+        out,
+        residual_out,
+        hidden_size,
+        eps,
+        x2d.stride(0),
+        residual2d.stride(0),
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=_warps_for(block),
+    )
+    return out, residual_out
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,
+    token,
+    stride_token,
+    stride_head,
+    num_heads,
+    cos,
+    sin,
+    BLOCK_H: tl.constexpr,
+    HALF_DIM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_HALF)
+    mask = (heads[:, None] < num_heads) & (dims[None, :] < HALF_DIM)
+    first = x_ptr + token * stride_token + heads[:, None] * stride_head + dims[None, :]
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(first + HALF_DIM, mask=mask, other=0.0).to(tl.float32)
+    out1 = x1 * cos[None, :] - x2 * sin[None, :]
+    out2 = x2 * cos[None, :] + x1 * sin[None, :]
+    tl.store(first, out1.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(first + HALF_DIM, out2.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    num_heads,
+    num_kv_heads,
+    stride_q_token,
+    stride_q_head,
+    stride_k_token,
+    stride_k_head,
+    stride_cos_token,
+    stride_sin_token,
+    HALF_DIM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_mask = dims < HALF_DIM
+    cos = tl.load(cos_ptr + token * stride_cos_token + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(sin_ptr + token * stride_sin_token + dims, mask=dim_mask, other=0.0)
+    cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+    _rotate_heads(
+        q_ptr,
+        token,
+        stride_q_token,
+        stride_q_head,
+        num_heads,
+        cos,
+        sin,
+        BLOCK_HQ,
+        HALF_DIM,
+        BLOCK_HALF,
+    )
+    _rotate_heads(
+        k_ptr,
+        token,
+        stride_k_token,
+        stride_k_head,
+        num_kv_heads,
+        cos,
+        sin,
+        BLOCK_HK,
+        HALF_DIM,
+        BLOCK_HALF,
+    )
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX rotary embedding IN PLACE on q [T, H, D] and k [T, KVH, D]; returns (q, k).
+
+    cos/sin are [T, D/2] float32. Views (e.g. q/k sliced out of a fused qkv output) are rotated
+    where they lie, provided their last dim is contiguous.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("apply_rope works in place and needs q and k contiguous in head_dim")
+    if num_tokens == 0:
+        return q, k
+    half_dim = head_dim // 2
+    block_half = triton.next_power_of_2(half_dim)
+    _rope_kernel[(num_tokens,)](
+        q,
+        k,
+        cos,
+        sin,
+        num_heads,
+        num_kv_heads,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        HALF_DIM=half_dim,
+        BLOCK_HALF=block_half,
+        BLOCK_HQ=triton.next_power_of_2(num_heads),
+        BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        num_warps=4,
+    )
+    return q, k
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., hidden] -> [rows, hidden] with a contiguous last dim (a view when possible)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def _warps_for(block: int) -> int:
+    # one warp per 256 elements keeps 8 values per thread, capped at a full 16-warp block
+    return max(1, min(16, block // 256))
