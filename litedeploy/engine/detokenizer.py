@@ -66,6 +66,21 @@ class IncrementalDetokenizer:
         self.text += delta
         return delta
 
+    def peek(self) -> str:
+        """Text held back so far (decoded as `decode` would), without consuming it."""
+        return self._decode(self._window)[len(self._prefix_text) :]
+
+    def flush(self) -> str:
+        """End of the stream: emit what is held back, as `decode` renders it (an unfinished
+        character becomes U+FFFD), so that `text == decode(token_ids)` afterwards."""
+        window_text = self._decode(self._window)
+        delta = window_text[len(self._prefix_text) :]
+        self._window = self._window[len(self._window) :]
+        self._read_offset = 0
+        self._prefix_text = ""
+        self.text += delta
+        return delta
+
     def add_many(self, token_ids: Iterable[int]) -> str:
         return "".join(self.add(token_id) for token_id in token_ids)
 

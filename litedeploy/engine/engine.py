@@ -53,6 +53,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._requests: dict[str, Sequence] = {}
         self._finished_outputs: list[RequestOutput] = []
+        self.num_preemptions = 0
 
     @classmethod
     def from_pretrained(cls, model_path: str | None = None,
@@ -102,6 +103,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._finished_outputs = self._finished_outputs, []
         batch = self.scheduler.schedule()
+        self.num_preemptions += len(batch.preempted)
         if batch.is_empty:
             if not self.scheduler.has_unfinished() and self.config.check_integrity:
                 self.scheduler.check_integrity()
@@ -152,6 +154,8 @@ class LLMEngine:
             "kv_usage": bm.usage(),
             "num_free_blocks": bm.num_free_blocks,
             "num_blocks": bm.num_blocks,
+            "prefix_hit_rate": bm.stats.hit_rate,
+            "num_preemptions": self.num_preemptions,
         }
 
     def generate(self, prompts: list[list[int]], gen: GenerationConfig) -> list[RequestOutput]:

@@ -44,6 +44,7 @@ class RequestState:
         token_id = sampled.token_id
         if token_id in self.stop_ids:
             self.finish_reason = "stop"  # stop tokens are not part of the output
+            self._flush_text()
             return
         self.output_ids.append(token_id)
         if self.gen.logprobs is not None:
@@ -55,14 +56,22 @@ class RequestState:
                 return
         if len(self.output_ids) >= max_new_tokens:
             self.finish_reason = "length"
+            self._flush_text()
+
+    def _flush_text(self) -> None:
+        if self.detokenizer is not None:
+            self.text += self.detokenizer.flush()
 
     def _cut_at_stop_word(self) -> bool:
-        # search only the tail that can hold a stop word completed by the newest text
-        for word in self.gen.stop_words or ():
-            start = max(0, self.num_sent_chars - len(word))
-            index = self.text.find(word, start)
+        if not self.gen.stop_words:
+            return False
+        # include text the detokenizer holds back (an unfinished character after the stop word)
+        text = self.text + self.detokenizer.peek()
+        for word in self.gen.stop_words:
+            # search only the tail that can hold a stop word completed by the newest text
+            index = text.find(word, max(0, self.num_sent_chars - len(word)))
             if index >= 0:
-                self.text = self.text[:index]
+                self.text = text[:index]
                 return True
         return False
 
