@@ -1,0 +1,212 @@
+"""`litedeploy serve api_server | gradio | api_client` (lmdeploy's flags and defaults)."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+
+from litedeploy.cli.args import (
+    HelpFormatter,
+    add_engine_args,
+    add_log_arg,
+    add_model_arg,
+    engine_config_from,
+)
+
+API_SERVER_PORT = 23333
+GRADIO_PORT = 6006
+LOCALHOST = "127.0.0.1"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", formatter_class=HelpFormatter,
+        help="serve a model: OpenAI-compatible API server, Gradio page, or API client")
+    kinds = parser.add_subparsers(dest="serve_kind", metavar="KIND")
+    _add_api_server(kinds)
+    _add_gradio(kinds)
+    _add_api_client(kinds)
+    parser.set_defaults(run=lambda _args: (parser.print_help(), 2)[1])
+
+
+def _add_api_server(kinds) -> None:
+    parser = kinds.add_parser("api_server", formatter_class=HelpFormatter,
+                              help="OpenAI-compatible HTTP API (FastAPI + uvicorn)")
+    add_model_arg(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--server-name", default=LOCALHOST, help="address to listen on")
+    group.add_argument("--server-port", type=int, default=API_SERVER_PORT)
+    group.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
+                       help="accept only `Authorization: Bearer KEY` (GET /health is exempt)")
+    group.add_argument("--allow-origins", nargs="+", default=["*"], help="CORS origins")
+    group.add_argument("--allow-credentials", action="store_true", help="CORS credentials")
+    group.add_argument("--allow-methods", nargs="+", default=["*"], help="CORS methods")
+    group.add_argument("--allow-headers", nargs="+", default=["*"], help="CORS headers")
+    group.add_argument("--model-name", default=None,
+                       help="name in /v1/models and in requests (default: the model's folder "
+                            "or file name)")
+    group.add_argument("--max-concurrent-requests", type=_positive_int, default=None,
+                       help="generations in flight before new ones get 503 (default: no limit)")
+    group.add_argument("--max-log-len", type=int, default=None,
+                       help="max prompt characters in the request log (default: unlimited)")
+    group.add_argument("--disable-fastapi-docs", action="store_true",
+                       help="do not serve /docs, /redoc and /openapi.json")
+    add_engine_args(parser)
+    add_log_arg(parser)
+    parser.set_defaults(run=run_api_server)
+
+
+def _add_gradio(kinds) -> None:
+    parser = kinds.add_parser("gradio", formatter_class=HelpFormatter,
+                              help="Gradio chat page (in-process model, or a running api_server)")
+    parser.add_argument("model_path", nargs="?", default=None, metavar="MODEL_OR_URL",
+                        help="model folder / .gguf file (default: the embedded "
+                             "SmolLM2-135M-Instruct), or http://HOST:PORT of an api_server")
+    parser.add_argument("--server-name", default=LOCALHOST, help="address to listen on")
+    parser.add_argument("--server-port", type=int, default=GRADIO_PORT)
+    parser.add_argument("--share", action="store_true", help="create a public gradio.live link")
+    parser.add_argument("--api-key", default=None, help="API key of the api_server (URL mode)")
+    add_engine_args(parser)
+    add_log_arg(parser)
+    parser.set_defaults(run=run_gradio)
+
+
+def _add_api_client(kinds) -> None:
+    parser = kinds.add_parser("api_client", formatter_class=HelpFormatter,
+                              help="chat with a running api_server in the terminal")
+    parser.add_argument("url", nargs="?", default=f"http://{LOCALHOST}:{API_SERVER_PORT}",
+                        help="the api_server's address")
+    parser.add_argument("--api-key", default=None, help="one of the server's --api-keys")
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--max-tokens", type=_positive_int, default=None,
+                        help="max tokens of each reply (default: the server's)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature, 0 = greedy (default: the server's, 0.7)")
+    add_log_arg(parser)
+    parser.set_defaults(run=run_api_client)
+
+
+# ---- api_server ----------------------------------------------------------------------------------
+def _bind(host: str, port: int) -> socket.socket:
+    from litedeploy.serve.errors import ServerStartError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServerStartError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another "
+                               "--server-port or stop the program using it") from exc
+    sock.listen(2048)
+    return sock
+
+
+def run_api_server(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from litedeploy.engine.async_engine import AsyncEngine
+    from litedeploy.serve.openai_server import ServerSettings, create_app
+
+    sock = _bind(args.server_name, args.server_port)  # fail before a long model load
+    engine = AsyncEngine.from_pretrained(args.model_path, engine_config_from(args))
+    try:
+        settings = ServerSettings(
+            model_name=args.model_name or engine.model_name, api_keys=args.api_keys,
+            allow_origins=args.allow_origins, allow_credentials=args.allow_credentials,
+            allow_methods=args.allow_methods, allow_headers=args.allow_headers,
+            max_concurrent_requests=args.max_concurrent_requests,
+            max_log_len=args.max_log_len, disable_fastapi_docs=args.disable_fastapi_docs)
+        app = create_app(engine, settings)
+        shape = engine.engine.kv_cache.shape
+        docs = "" if args.disable_fastapi_docs else ", docs at /docs"
+        print(f"litedeploy api_server: {settings.model_name} on {engine.engine.device}, KV cache "
+              f"{shape.num_tokens} tokens ({shape.size_gib:.2f} GiB), session_len "
+              f"{engine.engine.session_len}; serving http://{args.server_name}:"
+              f"{args.server_port} (OpenAI API at /v1{docs})", flush=True)
+        config = uvicorn.Config(app, log_level=args.log_level.lower(),
+                                access_log=args.log_level in ("DEBUG", "INFO"),
+                                timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()
+        sock.close()
+    return 0
+
+
+# ---- gradio ------------------------------------------------------------------------------------
+def run_gradio(args: argparse.Namespace) -> int:
+    from litedeploy.serve import gradio_app
+
+    target = args.model_path
+    if target and "://" in target:
+        backend = gradio_app.RemoteChat(target, args.api_key)
+    else:
+        from litedeploy.engine.async_engine import AsyncEngine
+
+        backend = gradio_app.EngineChat(
+            AsyncEngine.from_pretrained(target, engine_config_from(args)))
+    try:
+        gradio_app.launch(backend, args.server_name, args.server_port, args.share)
+    finally:
+        if isinstance(backend, gradio_app.EngineChat):
+            backend.engine.close()
+    return 0
+
+
+# ---- api_client --------------------------------------------------------------------------------
+def _read_line(session) -> str | None:
+    try:
+        return session.prompt("user> ") if session else input("user> ")
+    except EOFError:
+        return None
+
+
+def run_api_client(args: argparse.Namespace) -> int:
+    """Type a message, read the streamed reply; `exit` quits, `reset` starts over."""
+    from openai import OpenAI
+
+    base_url = args.url.rstrip("/")
+    base_url = base_url if base_url.endswith("/v1") else base_url + "/v1"
+    client = OpenAI(base_url=base_url, api_key=args.api_key or "EMPTY")
+    model = client.models.list().data[0].id
+    session = None
+    if sys.stdin.isatty():
+        from prompt_toolkit import PromptSession
+
+        session = PromptSession()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print(f"chatting with {model} at {args.url}; `exit` quits, `reset` starts over", flush=True)
+    while (line := _read_line(session)) is not None:
+        text = line.strip()
+        if text == "exit":
+            break
+        if text in ("reset", "end"):
+            history = []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        extra = {k: v for k, v in (("max_tokens", args.max_tokens),
+                                   ("temperature", args.temperature)) if v is not None}
+        reply = ""
+        print("assistant> ", end="", flush=True)
+        for chunk in client.chat.completions.create(model=model, messages=system + history,
+                                                    stream=True, **extra):
+            delta = chunk.choices[0].delta.content if chunk.choices else None
+            if delta:
+                reply += delta
+                print(delta, end="", flush=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": reply})
+    return 0
