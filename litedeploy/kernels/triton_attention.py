@@ -323,12 +323,14 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def _pick_num_splits(
     num_programs: int, max_context_len: int, block_n: int, device: torch.device
 ) -> int:
-    """Partitions per sequence so that about two waves of programs cover the GPU, each partition
-    keeping at least 4 tiles of keys (shorter ones spend more on the merge than they save)."""
+    """Partitions per sequence so that about two waves of programs cover the GPU, down to one tile
+    of keys each. H100, bf16, InternLM2-1.8B shapes, batch 1: context 512 ran in 7.2 us with 8
+    partitions vs 8.9 with 4; context 2048 in 10.5 us with 32 vs 14.0 with 8. From batch 64 up a
+    single partition is best (the grid already fills the GPU)."""
     target_programs = 2 * _num_sms(device)
     if num_programs >= target_programs:
         return 1
-    max_useful = max(1, max_context_len // (4 * block_n))
+    max_useful = max(1, max_context_len // block_n)
     return max(1, min(triton.cdiv(target_programs, num_programs), max_useful, 64))
 
 
