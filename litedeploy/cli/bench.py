@@ -1,0 +1,90 @@
+"""`litedeploy bench throughput|latency`: engine benchmarks that print and save JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+from litedeploy.cli.args import (
+    HelpFormatter, add_engine_args, add_log_arg, add_model_arg, engine_config_from,
+)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (JSON results)",
+                                   formatter_class=HelpFormatter)
+    kinds = parser.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+
+    throughput = kinds.add_parser("throughput", help="offline throughput of N requests",
+                                  formatter_class=HelpFormatter)
+    _common(throughput)
+    throughput.add_argument("--num-prompts", type=int, default=32)
+    throughput.add_argument("--input-len", type=int, default=128)
+    throughput.add_argument("--output-len", type=int, default=128)
+    throughput.add_argument("--random-range-ratio", type=float, default=0.0,
+                            help="lengths drawn from len * U[1 - r, 1 + r]")
+    throughput.set_defaults(run=run_throughput)
+
+    latency = kinds.add_parser("latency", help="prefill and decode latency of one batch",
+                               formatter_class=HelpFormatter)
+    _common(latency)
+    latency.add_argument("--batch-size", type=int, default=1)
+    latency.add_argument("--input-len", type=int, default=128)
+    latency.add_argument("--output-len", type=int, default=128)
+    latency.add_argument("--num-iters", type=int, default=3)
+    latency.add_argument("--compare-hf", action="store_true",
+                         help="also run Hugging Face transformers generate() on the same "
+                              "weights in the same process")
+    latency.add_argument("--hf-static-compiled", action="store_true",
+                         help="with --compare-hf: also transformers' static cache, compiled")
+    latency.set_defaults(run=run_latency)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    add_model_arg(parser)
+    add_engine_args(parser)
+    add_log_arg(parser)
+    parser.add_argument("--output-json", default=None, help="also write the result here")
+
+
+def _engine(args: argparse.Namespace):
+    from litedeploy.engine.engine import LLMEngine
+
+    return LLMEngine.from_pretrained(args.model_path, engine_config_from(args))
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    from litedeploy.bench.common import write_json
+    from litedeploy.bench.throughput import run_throughput as bench
+
+    engine = _engine(args)
+    result = bench(engine, args.num_prompts, args.input_len, args.output_len,
+                   args.random_range_ratio)
+    result["model"] = engine.bundle.name
+    result["dtype"] = str(engine.bundle.dtype)
+    write_json(result, args.output_json)
+    return 0
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    from litedeploy.bench.common import write_json
+    from litedeploy.bench.latency import run_latency as bench
+
+    engine = _engine(args)
+    ours = bench(engine, args.batch_size, args.input_len, args.output_len, args.num_iters)
+    result = {"model": engine.bundle.name, "dtype": str(engine.bundle.dtype), "litedeploy": ours}
+    if args.compare_hf:
+        from litedeploy.bench.hf_baseline import run_hf_latency
+
+        model = engine.bundle.model
+        hf = run_hf_latency(model, args.batch_size, args.input_len, args.output_len)
+        result["transformers"] = hf
+        result["decode_speedup_vs_transformers"] = (
+            ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"])
+        if args.hf_static_compiled:
+            static = run_hf_latency(model, args.batch_size, args.input_len, args.output_len,
+                                    cache_implementation="static", compile=True)
+            result["transformers_static_compiled"] = static
+            result["decode_speedup_vs_transformers_static_compiled"] = (
+                ours["decode_tokens_per_s"] / static["decode_tokens_per_s"])
+    write_json(result, args.output_json)
+    return 0
