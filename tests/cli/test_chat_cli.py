@@ -21,7 +21,8 @@ pexpect = pytest.importorskip("pexpect")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 16
 CACHE_TOKENS = 8192
-FIRST, SECOND = "Tell me a story", "What did I just ask?"
+FIRST = "Tell me a story"
+SECOND = "What did I\njust ask?"  # typed as two lines: the first Enter must not send it
 CLI_FLAGS = ["--max-new-tokens", str(MAX_NEW_TOKENS), "--cache-max-tokens", str(CACHE_TOKENS)]
 PROMPT_MARK = "input >>>"  # prompt_toolkit draws the trailing space as a cursor move
 
@@ -75,7 +76,8 @@ def _pty_terminal_text(child) -> str:
 
 
 def _send_turn(child, text: str) -> None:
-    child.send(text + "\r")  # Enter ends a line, not the input
+    for line in text.split("\n"):
+        child.send(line + "\r")  # Enter ends a line, not the input
     child.send("\r")  # the empty line sends it
 
 
@@ -83,7 +85,7 @@ def test_terminal_chat_history_end_interrupt_exit(reference):
     # the second reply must depend on the first turn, or this test could not see a lost history
     assert reference["second"] != reference["second_alone"]
     child = pexpect.spawn(sys.executable, ["-m", "litedeploy", "chat", *CLI_FLAGS],
-                          cwd=str(REPO_ROOT), env=_env(), encoding="utf-8", timeout=120,
+                          cwd=str(REPO_ROOT), env=_env(), encoding="utf-8", timeout=90,
                           dimensions=(40, 200))
     try:
         child.expect_exact(PROMPT_MARK)
