@@ -93,8 +93,9 @@ class TerminalChat:
             return TurnResult("", None)
         finally:
             # keep what the user saw, even when interrupted: the model remembers what was shown
-            if pieces and result.finish_reason != "error":
-                self.conversation.add_turn(user_text, "".join(pieces))
+            reply_text = "".join(pieces)
+            if reply_text and result.finish_reason != "error":
+                self.conversation.add_turn(user_text, reply_text)
         logger.debug("turn: %d messages, %d prompt tokens, %d cached, finish %s",
                      len(messages), len(prompt_ids), result.num_cached_tokens,
                      result.finish_reason)
