@@ -43,7 +43,7 @@ def hf_twin(model: DecoderForCausalLM):
         twin = cls(hf_config)
     twin = twin.to(dtype).to_empty(device=device)
     twin.load_state_dict(_unpacked_state(model), strict=False, assign=False)
-    twin.model.rotary_emb = type(twin.model.rotary_emb)(hf_config, device=device)
+    twin.model.rotary_emb = type(twin.model.rotary_emb)(hf_config).to(device)
     if cfg.tie_word_embeddings:
         twin.tie_weights()
     return twin.eval()

@@ -76,25 +76,27 @@ def paged_attention(
     batch = block_tables.shape[0]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_blocks_needed = (max_context_len + block_size - 1) // block_size
-    tables = block_tables[:, :num_blocks_needed].long()
-    # gather each sequence's blocks: [batch, blocks, block_size, kv_heads, D] -> [batch, kv, L, D]
-    keys = k_cache[tables].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_context_len]
-    values = v_cache[tables].reshape(batch, -1, num_kv_heads, head_dim)[:, :max_context_len]
+    tables = block_tables[:, :num_blocks_needed].reshape(-1).long()
+    # gather each sequence's blocks (index_select: no parallel region for small gathers, which
+    # matters on a busy 2-core CPU) -> [batch, context, kv_heads, D]
+    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim)
+    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim)
+    keys, values = keys[:, :max_context_len], values[:, :max_context_len]
     # slots past a sequence's context hold whatever the cache had (possibly NaN bits): zero them,
     # as the GPU kernels do by never loading them, so masked scores stay exactly zero
     beyond = torch.arange(max_context_len, device=q.device)[None, :] >= context_lens[:, None]
-    keys = keys.masked_fill(beyond[:, :, None, None], 0).transpose(1, 2).to(q.dtype)
-    values = values.masked_fill(beyond[:, :, None, None], 0).transpose(1, 2).to(q.dtype)
+    keys = keys.masked_fill(beyond[:, :, None, None], 0).to(q.dtype)
+    values = values.masked_fill(beyond[:, :, None, None], 0).to(q.dtype)
+    if max_q_len == 1 and num_tokens == batch:
+        return _decode_attention(q, keys, values, beyond, scale)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     if mask is None:
         mask = paged_attention_mask(q_lens, context_lens, max_q_len, max_context_len)
-    if max_q_len == 1 and num_tokens == batch:
-        padded_q = q[:, None]  # pure decode: one query per sequence
-    else:
-        padded_q = q.new_zeros(batch, max_q_len, num_heads, head_dim)
-        token_seq = torch.repeat_interleave(torch.arange(batch, device=q.device), q_lens)
-        token_pos = torch.arange(num_tokens, device=q.device) - cu_seqlens_q[:-1][token_seq]
-        padded_q[token_seq, token_pos] = q
+    padded_q = q.new_zeros(batch, max_q_len, num_heads, head_dim)
+    token_seq = torch.repeat_interleave(torch.arange(batch, device=q.device), q_lens)
+    token_pos = torch.arange(num_tokens, device=q.device) - cu_seqlens_q[:-1][token_seq]
+    padded_q[token_seq, token_pos] = q
     out = F.scaled_dot_product_attention(
         padded_q.transpose(1, 2),
         keys,
@@ -103,9 +105,22 @@ def paged_attention(
         scale=scale,
         enable_gqa=num_heads != num_kv_heads,
     ).transpose(1, 2)  # [batch, max_q_len, heads, D]
-    if max_q_len == 1 and num_tokens == batch:
-        return out[:, 0]
     return out[token_seq, token_pos]
+
+
+def _decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beyond: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per sequence, as plain batched matmuls (GQA by grouping query heads per KV
+    head): q [B, H, D], keys/values [B, L, KVH, D], beyond [B, L] -> [B, H, D]."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = keys.shape[2]
+    grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(grouped_q, keys.permute(0, 2, 3, 1)) * scale  # [B, KVH, G, L]
+    scores = scores.float().masked_fill(beyond[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).to(values.dtype)
+    out = torch.matmul(probs, values.transpose(1, 2))  # [B, KVH, G, D]
+    return out.reshape(batch, num_heads, head_dim)
 
 
 def rms_norm(
