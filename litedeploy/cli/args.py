@@ -67,17 +67,23 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def add_log_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="logging verbosity")
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("generation")
     defaults = GenerationConfig()
-    group.add_argument("--temperature", type=float, default=defaults.temperature)
-    group.add_argument("--top-p", type=float, default=defaults.top_p)
-    group.add_argument("--top-k", type=int, default=defaults.top_k)
-    group.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
-    group.add_argument("--max-new-tokens", type=_positive_int, default=defaults.max_new_tokens)
+    group.add_argument("--temperature", type=float, default=defaults.temperature,
+                       help="sampling temperature (with --do-sample)")
+    group.add_argument("--top-p", type=float, default=defaults.top_p,
+                       help="nucleus sampling mass (with --do-sample)")
+    group.add_argument("--top-k", type=int, default=defaults.top_k,
+                       help="sample among the k most likely tokens (with --do-sample)")
+    group.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
+                       help="penalty for tokens already seen (1.0 = off)")
+    group.add_argument("--max-new-tokens", type=_positive_int, default=defaults.max_new_tokens,
+                       help="max tokens of one reply")
     group.add_argument("--do-sample", action="store_true",
                        help="sample with temperature/top-p/top-k (default: greedy, as lmdeploy)")
 

@@ -26,12 +26,20 @@ def _normalize_flags(argv: list[str]) -> list[str]:
     return out
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag or value is one clear line and exit code 2, not a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="litedeploy", formatter_class=HelpFormatter,
         description="Deploy and serve chat LLMs on one modest GPU or a plain CPU.")
     parser.add_argument("--version", action="version", version=f"litedeploy {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                       parser_class=OneLineErrorParser)
     for name in _COMMANDS:
         try:
             module = importlib.import_module(f"litedeploy.cli.{name}")
@@ -54,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)
-    except LiteDeployError as exc:
+    except (LiteDeployError, ValueError, FileNotFoundError) as exc:
+        # bad input the user can fix (LiteDeployError subclasses ValueError/FileNotFoundError)
         print(f"litedeploy: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -39,7 +39,10 @@ class _Sink:
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, item: RequestOutput | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the consumer's event loop is closed: nobody is listening any more
 
 
 class AsyncEngine:
