@@ -160,6 +160,22 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" | "dummy"
     check_integrity: bool = False
 
+    def validate(self) -> None:
+        """Refuse settings this version cannot honour, instead of silently ignoring them."""
+        if self.quant_policy not in (0, 4, 8):
+            raise ModelLoadError(f"--quant-policy must be 0, 4 or 8, got {self.quant_policy}")
+        if self.quant_policy:
+            raise ModelLoadError("KV cache quantization (--quant-policy 4/8) is not available yet; "
+                                 "use --quant-policy 0")
+        if self.tp != 1:
+            raise ModelLoadError("tensor parallelism (--tp > 1) is not available yet; use --tp 1")
+        if self.model_format not in (None, "hf", "gguf"):
+            raise ModelLoadError(f"--model-format {self.model_format} is not available yet "
+                                 "(supported: hf, gguf)")
+        if not 0.0 < self.cache_max_entry_count < 1.0:
+            raise ModelLoadError("--cache-max-entry-count must be between 0 and 1, "
+                                 f"got {self.cache_max_entry_count}")
+
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
             block_size=self.cache_block_seq_len,

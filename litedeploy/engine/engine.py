@@ -59,6 +59,7 @@ class LLMEngine:
     def from_pretrained(cls, model_path: str | None = None,
                         config: EngineConfig | None = None) -> "LLMEngine":
         config = config or EngineConfig()
+        config.validate()
         return cls(load_bundle(model_path, config), config)
 
     # ---- requests ----------------------------------------------------------------------------
