@@ -3,7 +3,7 @@
 from litedeploy.config import EngineConfig, GenerationConfig
 
 __version__ = "0.1.0"
-__all__ = ["pipeline", "GenerationConfig", "EngineConfig", "__version__"]
+__all__ = ["EngineConfig", "GenerationConfig", "__version__", "pipeline"]
 
 
 def __getattr__(name: str):

@@ -114,7 +114,7 @@ class Pipeline:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc) -> None:

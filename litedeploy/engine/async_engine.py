@@ -28,7 +28,7 @@ class _Command:
     request_id: str
     prompt_ids: list[int] | None = None
     gen: GenerationConfig | None = None
-    sink: "_Sink | None" = None
+    sink: _Sink | None = None
 
 
 class _Sink:
@@ -60,7 +60,7 @@ class AsyncEngine:
 
     @classmethod
     def from_pretrained(cls, model_path: str | None = None,
-                        config: EngineConfig | None = None) -> "AsyncEngine":
+                        config: EngineConfig | None = None) -> AsyncEngine:
         return cls(LLMEngine.from_pretrained(model_path, config))
 
     # ---- prompts -----------------------------------------------------------------------------
@@ -125,7 +125,7 @@ class AsyncEngine:
                 break
             try:
                 outputs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - never let the thread die silently
+            except Exception as exc:
                 logger.exception("engine step crashed")
                 for sink in self._sinks.values():
                     sink.put(exc)

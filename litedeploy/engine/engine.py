@@ -11,7 +11,6 @@ import itertools
 import logging
 import random
 
-
 from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine.block_manager import BlockManager
 from litedeploy.engine.detokenizer import IncrementalDetokenizer
@@ -57,7 +56,7 @@ class LLMEngine:
 
     @classmethod
     def from_pretrained(cls, model_path: str | None = None,
-                        config: EngineConfig | None = None) -> "LLMEngine":
+                        config: EngineConfig | None = None) -> LLMEngine:
         config = config or EngineConfig()
         config.validate()
         return cls(load_bundle(model_path, config), config)
@@ -114,7 +113,7 @@ class LLMEngine:
             ready = self.scheduler.update(batch)
             rows = [self._sampling_row(seq) for seq in ready]
             sampled = self.sampler(logits, rows) if ready else []
-        except Exception as exc:  # noqa: BLE001 - a failed step must free its whole batch
+        except Exception as exc:
             logger.exception("engine step failed")
             return outputs + self._fail_batch([item.seq for item in batch.scheduled], exc)
         for seq, token in zip(ready, sampled):

@@ -7,9 +7,11 @@ memory is about one float tensor. This module is imported only for .gguf paths.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gguf
@@ -86,13 +88,39 @@ class GGUFCheckpoint:
         """A transformers fast tokenizer built from the GGUF metadata (vocab, merges, specials)."""
         from transformers import AutoTokenizer
 
+        cache_dir = _tokenizer_cache_dir(self.path)
+        if cache_dir is not None and (cache_dir / "tokenizer.json").exists():
+            try:
+                return AutoTokenizer.from_pretrained(str(cache_dir))
+            except Exception:  # noqa: BLE001 - a stale or broken cache: rebuild below
+                pass
         folder, file_name = os.path.split(os.path.abspath(self.path))
         try:
-            return AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(
                 f"cannot build a tokenizer from the metadata of {self.path}: {exc}"
             ) from exc
+        if cache_dir is not None:
+            # converting GGUF metadata takes seconds; the saved tokenizer.json loads in a blink
+            try:
+                tokenizer.save_pretrained(str(cache_dir))
+            except OSError:
+                pass
+        return tokenizer
+
+
+def _tokenizer_cache_dir(path: str) -> Path | None:
+    """A per-file cache folder keyed by the file's path, size and mtime (None if no home)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    key = hashlib.sha256(
+        f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:24]
+    return Path(root) / "litedeploy" / "gguf-tokenizers" / key
 
 
 def open_gguf(path: str) -> GGUFCheckpoint:

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from litedeploy.config import ModelConfig
 from litedeploy.errors import ModelLoadError, ModelNotFoundError
-from litedeploy.loader import weights
 from litedeploy.layers.rotary import RotaryEmbedding
+from litedeploy.loader import weights
 from litedeploy.models.decoder import DecoderForCausalLM
 from litedeploy.models.registry import model_class_for
 

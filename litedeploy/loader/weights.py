@@ -43,7 +43,6 @@ def find_weight_files(folder: Path) -> list[Path]:
 
 def count_tensors(files: list[Path]) -> int | None:
     if all(f.suffix == ".safetensors" for f in files):
-        from safetensors import safe_open
 
         total = 0
         for f in files:
@@ -58,7 +57,7 @@ def _open_safetensors(path: Path):
 
     try:
         return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for bad files
+    except Exception as exc:
         raise ModelLoadError(f"cannot read {path.name} (truncated or corrupt?): {exc}") from exc
 
 
@@ -69,7 +68,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in handle.keys():
                     try:
                         tensor = handle.get_tensor(name)
-                    except Exception as exc:  # noqa: BLE001
+                    except Exception as exc:
                         raise ModelLoadError(
                             f"cannot read tensor {name} from {path.name} (truncated?): {exc}"
                         ) from exc
@@ -77,7 +76,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         else:
             try:
                 state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise ModelLoadError(f"cannot read {path.name} (truncated or corrupt?): {exc}") from exc
             for name in list(state):
                 yield name, state.pop(name)
