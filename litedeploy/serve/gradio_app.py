@@ -144,7 +144,7 @@ def build_demo(backend: EngineChat | RemoteChat):
         stop.click(None, None, None, cancels=running)
         reset.click(lambda: ([], [], ""), None, outputs, cancels=running,
                     api_visibility="private")
-        chatbot.clear(lambda: [], None, history, cancels=running, api_visibility="private")
+        chatbot.clear(list, None, history, cancels=running, api_visibility="private")
     return demo
 
 

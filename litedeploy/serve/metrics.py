@@ -53,7 +53,7 @@ class ServerMetrics:
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def timer(self) -> "RequestTimer":
+    def timer(self) -> RequestTimer:
         return RequestTimer(self)
 
 

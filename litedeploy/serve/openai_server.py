@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP API over one AsyncEngine: FastAPI routes, fan-out of `n`, SSE streams.
 
 A streamed response holds its engine streams open; when the client goes away the response task is
-cancelled and `SSEResponse` closes every stream, which aborts the requests and frees their KV blocks.
+cancelled and `SSEResponse` closes every stream, aborting the requests and freeing their KV blocks.
 """
 
 from __future__ import annotations
@@ -311,8 +311,10 @@ def _add_routes(app, server: OpenAIServer) -> None:
     @app.post("/v1/encode", response_model=p.EncodeResponse)
     async def encode(body: p.EncodeRequest) -> p.EncodeResponse:
         texts = [body.input] if isinstance(body.input, str) else body.input
+        # lmdeploy's add_bos: True keeps the tokenizer's own BOS rule, False drops the BOS
         ids = [server.engine.encode_prompt(text) if body.do_preprocess
-               else server.engine.tokenizer.encode(text, add_bos=body.add_bos) for text in texts]
+               else server.engine.tokenizer.encode(text, add_bos=None if body.add_bos else False)
+               for text in texts]
         if isinstance(body.input, str):
             return p.EncodeResponse(input_ids=ids[0], length=len(ids[0]))
         return p.EncodeResponse(input_ids=ids, length=[len(item) for item in ids])

@@ -52,7 +52,8 @@ class ChatMessage(_Strict):
         if content is None or isinstance(content, str):
             return content
         if not isinstance(content, list):
-            raise ValueError("content must be a string or a list of text parts")
+            # pydantic turns ValueError (not TypeError) into a validation error
+            raise ValueError("content must be a string or a list of text parts")  # noqa: TRY004
         texts = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
@@ -67,7 +68,6 @@ class ChatMessage(_Strict):
     def _no_tool_calls(cls, tool_calls: list[Any] | None) -> None:
         if tool_calls:
             raise _unsupported("tool_calls", "tool calling needs a tool-call parser")
-        return None
 
     def for_template(self) -> dict[str, str]:
         """The dict the chat template renders; `developer` is OpenAI's newer name of `system`."""
@@ -120,7 +120,6 @@ class _SamplingRequest(_Strict):
     def _no_logit_bias(cls, logit_bias: dict | None) -> None:
         if logit_bias:
             raise _unsupported("logit_bias", "remove it")
-        return None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -232,7 +231,7 @@ class CompletionRequest(_SamplingRequest):
 class EncodeRequest(_Strict):
     input: Any
     do_preprocess: bool = False  # True: apply the chat template to each string first
-    add_bos: bool = True
+    add_bos: bool = True  # False: no BOS even where the tokenizer adds one
 
     @field_validator("input")
     @classmethod
