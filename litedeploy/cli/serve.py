@@ -173,6 +173,16 @@ def _read_line(session) -> str | None:
 
 def run_api_client(args: argparse.Namespace) -> int:
     """Type a message, read the streamed reply; `exit` quits, `reset` starts over."""
+    import openai
+
+    try:
+        return _chat_loop(args)
+    except openai.APIError as exc:  # connection refused, bad key, ...: one line, no traceback
+        print(f"\nlitedeploy: error: {args.url}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _chat_loop(args: argparse.Namespace) -> int:
     from openai import OpenAI
 
     base_url = args.url.rstrip("/")

@@ -16,16 +16,31 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.responses import StreamingResponse
+
+from litedeploy import __version__
 from litedeploy.config import GenerationConfig
 from litedeploy.engine.async_engine import AsyncEngine
 from litedeploy.engine.request import RequestOutput
 from litedeploy.engine.sampler import SampledToken
 from litedeploy.errors import RequestError
 from litedeploy.serve import protocol as p
-from litedeploy.serve.errors import APIError, error_body
+from litedeploy.serve.errors import (
+    APIError,
+    ApiKeyGuard,
+    BodyLimitGuard,
+    ConcurrencyGuard,
+    error_body,
+    install_error_handlers,
+)
 from litedeploy.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
+
+# How often a non-streamed request checks that its client is still there.
+DISCONNECT_POLL_S = 0.5
 
 
 @dataclass
@@ -90,37 +105,34 @@ class FanOut:
             await stream.aclose()
 
 
-def _sse_response_class():
-    from starlette.responses import StreamingResponse
+class SSEResponse(StreamingResponse):
+    """Streams until done or the client disconnects; always closes the engine streams."""
 
-    class SSEResponse(StreamingResponse):
-        """Streams until done or the client disconnects; always closes the engine streams."""
+    def __init__(self, content, on_close: Callable[[], Awaitable[None]]):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
 
-        def __init__(self, content, on_close: Callable[[], Awaitable[None]]):
-            super().__init__(content, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            self.on_close = on_close
-
-        async def __call__(self, scope, receive, send) -> None:
-            async def stream() -> None:
-                await self.stream_response(send)
-                watcher.cancel()
-
-            async def watch_disconnect() -> None:
-                await self.listen_for_disconnect(receive)
-                streamer.cancel()  # the client left: stop generating now, not at the next send
-
-            streamer = asyncio.create_task(stream())
-            watcher = asyncio.create_task(watch_disconnect())
+    async def __call__(self, scope, receive, send) -> None:
+        async def stream() -> None:
             try:
-                await asyncio.gather(streamer, watcher, return_exceptions=True)
+                await self.stream_response(send)
             finally:
-                streamer.cancel()
                 watcher.cancel()
-                await self.body_iterator.aclose()
-                await self.on_close()
 
-    return SSEResponse
+        async def watch_disconnect() -> None:
+            await self.listen_for_disconnect(receive)
+            streamer.cancel()  # the client left: stop generating now, not at the next send
+
+        streamer = asyncio.create_task(stream())
+        watcher = asyncio.create_task(watch_disconnect())
+        try:
+            await asyncio.gather(streamer, watcher, return_exceptions=True)
+        finally:
+            streamer.cancel()
+            watcher.cancel()
+            await self.body_iterator.aclose()
+            await self.on_close()
 
 
 def _sse(data: dict) -> str:
@@ -188,8 +200,21 @@ class OpenAIServer:
             await fan.aclose()
             raise
 
-    def respond_stream(self, fan: FanOut, events: AsyncIterator[str]):
-        return _sse_response_class()(events, on_close=fan.aclose)
+    def respond_stream(self, fan: FanOut, events: AsyncIterator[str]) -> SSEResponse:
+        return SSEResponse(events, on_close=fan.aclose)
+
+    async def collect(self, fan: FanOut, request: Request):
+        """Runs a non-streamed fan-out to the end; a client that hangs up aborts it."""
+        task = asyncio.ensure_future(_collect(fan))
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    raise APIError(499, "the client closed the connection")
+            return task.result()
+        finally:
+            task.cancel()
+            await fan.aclose()
 
     def token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
@@ -253,17 +278,7 @@ def stream_error_event(exc: Exception) -> str:
     return _sse(error_body(status, str(exc)))
 
 
-def create_app(engine: AsyncEngine, settings: ServerSettings):
-    from fastapi import FastAPI
-    from fastapi.middleware.cors import CORSMiddleware
-
-    from litedeploy import __version__
-    from litedeploy.serve.errors import (
-        ApiKeyGuard,
-        BodyLimitGuard,
-        ConcurrencyGuard,
-        install_error_handlers,
-    )
+def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
     docs = not settings.disable_fastapi_docs
     app = FastAPI(title="litedeploy OpenAI-compatible API", version=__version__,
@@ -288,9 +303,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings):
 
 
 # ---- routes -------------------------------------------------------------------------------------
-def _add_routes(app, server: OpenAIServer) -> None:
-    from fastapi import Response
-
+def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200)
@@ -320,12 +333,12 @@ def _add_routes(app, server: OpenAIServer) -> None:
         return p.EncodeResponse(input_ids=ids, length=[len(item) for item in ids])
 
     @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse)
-    async def chat_completions(body: p.ChatCompletionRequest):
-        return await _chat_completions(server, body)
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request):
+        return await _chat_completions(server, body, request)
 
     @app.post("/v1/completions", response_model=p.CompletionResponse)
-    async def completions(body: p.CompletionRequest):
-        return await _completions(server, body)
+    async def completions(body: p.CompletionRequest, request: Request):
+        return await _completions(server, body, request)
 
 
 def _encode_messages(server: OpenAIServer, messages: list[dict]) -> list[int]:
@@ -351,7 +364,8 @@ async def _collect(fan: FanOut):
     return texts, logprobs, finals
 
 
-async def _chat_completions(server: OpenAIServer, body: p.ChatCompletionRequest):
+async def _chat_completions(server: OpenAIServer, body: p.ChatCompletionRequest,
+                           request: Request):
     server.check_model(body.model)
     messages = [message.for_template() for message in body.messages]
     prompt_ids = _encode_messages(server, messages)
@@ -363,10 +377,7 @@ async def _chat_completions(server: OpenAIServer, body: p.ChatCompletionRequest)
     created = int(time.time())
     if body.stream:
         return server.respond_stream(fan, _chat_events(server, fan, body, request_id, created))
-    try:
-        texts, logprobs, finals = await _collect(fan)
-    finally:
-        await fan.aclose()
+    texts, logprobs, finals = await server.collect(fan, request)
     empty = [] if body.logprobs else None
     choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=texts.get(i, "")),
                             logprobs=server.chat_logprobs(logprobs.get(i, empty)),
@@ -407,7 +418,8 @@ async def _chat_events(server: OpenAIServer, fan: FanOut, body: p.ChatCompletion
     yield "data: [DONE]\n\n"
 
 
-async def _completions(server: OpenAIServer, body: p.CompletionRequest):
+async def _completions(server: OpenAIServer, body: p.CompletionRequest,
+                      request: Request):
     server.check_model(body.model)
     prompts: list[str | list[int]] = body.prompt
     prompt_ids = [server.engine.encode_prompt(x, do_preprocess=False) if isinstance(x, str)
@@ -423,10 +435,7 @@ async def _completions(server: OpenAIServer, body: p.CompletionRequest):
     if body.stream:
         events = _completion_events(server, fan, body, echoes, request_id, created)
         return server.respond_stream(fan, events)
-    try:
-        texts, logprobs, finals = await _collect(fan)
-    finally:
-        await fan.aclose()
+    texts, logprobs, finals = await server.collect(fan, request)
     empty = [] if body.logprobs is not None else None
     choices = [p.CompletionChoice(index=i, text=echoes[i // body.n] + texts.get(i, ""),
                                   logprobs=server.completion_logprobs(logprobs.get(i, empty), 0),

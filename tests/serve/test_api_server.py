@@ -108,6 +108,16 @@ def test_completions_string_ids_and_echo(client, model, api_server):
     assert both.usage.prompt_tokens == 2 * echoed.usage.prompt_tokens
 
 
+def test_every_sampling_field_is_accepted(client, model):
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+        max_completion_tokens=3, temperature=0.5, top_p=0.9, seed=5, presence_penalty=0.5,
+        frequency_penalty=0.5, user="tester", stop=["\n\n\n"], response_format={"type": "text"},
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True,
+                    "skip_special_tokens": False})
+    assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+
+
 def test_encode_list_and_chat_template(api_server):
     reply = httpx.post(api_server.url + "/v1/encode",
                        json={"input": ["hi", "hello there"], "do_preprocess": True}).json()
@@ -298,6 +308,17 @@ def test_overload_gets_503_with_retry_after(keyed_server):
     assert third.status_code == 200, third.text
 
 
+def _wait_until_idle(url: str, idle: dict[str, float]) -> dict[str, float]:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        after = metric_values(url)
+        if after["litedeploy:num_requests_running"] == 0 and \
+                after["litedeploy:kv_cache_usage_perc"] == idle["litedeploy:kv_cache_usage_perc"]:
+            break
+        time.sleep(0.05)
+    return after
+
+
 def test_disconnect_mid_stream_frees_the_request(api_server, model):
     idle = metric_values(api_server.url)
     assert idle["litedeploy:num_requests_running"] == 0
@@ -310,17 +331,24 @@ def test_disconnect_mid_stream_frees_the_request(api_server, model):
         busy = metric_values(api_server.url)
         assert busy["litedeploy:num_requests_running"] == 1
         assert busy["litedeploy:kv_cache_usage_perc"] > idle["litedeploy:kv_cache_usage_perc"]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        after = metric_values(api_server.url)
-        if after["litedeploy:num_requests_running"] == 0 and \
-                after["litedeploy:kv_cache_usage_perc"] == idle["litedeploy:kv_cache_usage_perc"]:
-            break
-        time.sleep(0.05)
+    after = _wait_until_idle(api_server.url, idle)
     assert after["litedeploy:num_requests_running"] == 0
     assert after["litedeploy:kv_cache_usage_perc"] == idle["litedeploy:kv_cache_usage_perc"]
     assert after["litedeploy:generation_tokens_total"] < idle[
         "litedeploy:generation_tokens_total"] + 120  # it did stop early
+
+
+def test_disconnect_while_waiting_for_a_full_reply_frees_it(api_server, model):
+    idle = metric_values(api_server.url)
+    body = {"model": model, "prompt": "Count:", "max_tokens": 150, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+        httpx.post(api_server.url + "/v1/completions", json=body,
+                   timeout=httpx.Timeout(10, read=1.5))
+    after = _wait_until_idle(api_server.url, idle)
+    assert after["litedeploy:num_requests_running"] == 0
+    assert after["litedeploy:kv_cache_usage_perc"] == idle["litedeploy:kv_cache_usage_perc"]
+    assert after["litedeploy:generation_tokens_total"] < idle[
+        "litedeploy:generation_tokens_total"] + 150
 
 
 def test_metrics_are_prometheus(api_server):
