@@ -370,3 +370,19 @@ def test_api_client_chats_from_stdin(api_server):
     assert "assistant> " in result.stdout
     reply = result.stdout.split("assistant> ", 1)[1].strip()
     assert reply and "user> " in result.stdout
+
+
+def test_a_taken_port_fails_fast_with_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "litedeploy", "serve", "api_server", "--server-port",
+             str(port)], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+            env=subprocess_env(), check=False)
+    assert result.returncode == 2
+    assert result.stderr.startswith("litedeploy: error: cannot listen on") and \
+        str(port) in result.stderr and "Traceback" not in result.stderr
