@@ -1,0 +1,105 @@
+"""Triton weight-only GEMMs: int4 AWQ layout (asymmetric, grouped) and int8 per channel.
+
+Imported lazily, on CUDA only. y[M, N] = x[M, K] @ dequant(W)[K, N]: each program owns a
+[BLOCK_M, BLOCK_N] output tile and walks K, unpacking nibbles in registers, so the weights cross
+memory as 4 (or 8) bits: decode is bandwidth bound, hence the speed-up over 16-bit weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _awq_gemm_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, group_size,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # column c of a group of 8 sits in nibble AWQ_ORDER.index(c): shifts (0,16,4,20,8,24,12,28)
+    col = offs_n % 8
+    shifts = ((col // 2) + (col % 2) * 4) * 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        mask_w = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        packed = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + (offs_n[None, :] // 8),
+                         mask=mask_w, other=0)
+        q = ((packed >> shifts[None, :]) & 0xF).to(tl.float32)
+        group = offs_k // group_size
+        scale = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=mask_w, other=0.0)
+        zero = tl.load(zeros_ptr + group[:, None] * N + offs_n[None, :], mask=mask_w, other=0.0)
+        w = ((q - zero) * scale.to(tl.float32)).to(x.dtype)
+        acc += tl.dot(x, w)
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    x_ptr, w_ptr, scales_ptr, out_ptr, M, N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        # weight is [N, K] row-major: load its transpose tile [BLOCK_K, BLOCK_N]
+        w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],
+                    mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0)
+        acc += tl.dot(x, w.to(x.dtype))
+    scale = tl.load(scales_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    acc = acc * scale[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _blocks(num_rows: int) -> tuple[int, int, int]:
+    # decode (few rows): narrow M tile, wide N for bandwidth; prefill: square-ish tiles
+    if num_rows <= 16:
+        return 16, 64, 128
+    return 64, 128, 64
+
+
+def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+             group_size: int) -> torch.Tensor:
+    """x [M, K] fp16/bf16, qweight int32 [K, N/8] (AWQ order), scales/zeros [K/G, N] -> [M, N]."""
+    if x.dtype == torch.float32:  # tl.dot wants 16-bit inputs for tensor cores
+        return awq_gemm(x.to(torch.bfloat16), qweight, scales, zeros, group_size).float()
+    x = x.contiguous()
+    num_rows, k_dim = x.shape
+    n_dim = qweight.shape[1] * 8
+    out = torch.empty(num_rows, n_dim, dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k = _blocks(num_rows)
+    block_k = min(block_k, group_size)  # one group per K tile keeps the scale loads simple
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n_dim, block_n))
+    _awq_gemm_kernel[grid](x, qweight, scales, zeros, out, num_rows, n_dim, k_dim, group_size,
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp16/bf16, weight int8 [N, K], scales [N] -> [M, N]."""
+    if x.dtype == torch.float32:
+        return int8_gemm(x.to(torch.bfloat16), weight, scales).float()
+    x = x.contiguous()
+    num_rows, k_dim = x.shape
+    n_dim = weight.shape[0]
+    out = torch.empty(num_rows, n_dim, dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k = _blocks(num_rows)
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n_dim, block_n))
+    _int8_gemm_kernel[grid](x, weight, scales, out, num_rows, n_dim, k_dim,
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
