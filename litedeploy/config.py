@@ -169,9 +169,9 @@ class EngineConfig:
                                  "use --quant-policy 0")
         if self.tp != 1:
             raise ModelLoadError("tensor parallelism (--tp > 1) is not available yet; use --tp 1")
-        if self.model_format not in (None, "hf", "gguf"):
-            raise ModelLoadError(f"--model-format {self.model_format} is not available yet "
-                                 "(supported: hf, gguf)")
+        if self.model_format not in (None, "hf", "awq", "gguf"):
+            raise ModelLoadError(f"unknown --model-format {self.model_format} "
+                                 "(supported: hf, awq, gguf)")
         if not 0.0 < self.cache_max_entry_count < 1.0:
             raise ModelLoadError("--cache-max-entry-count must be between 0 and 1, "
                                  f"got {self.cache_max_entry_count}")

@@ -47,7 +47,8 @@ def resolve_model_path(model_path: str | None) -> str:
 
 def load_bundle(model_path: str | None, config: EngineConfig) -> ModelBundle:
     source = open_source(resolve_model_path(model_path))
-    model, model_config = load_model(source, config.dtype, config.device, config.load_format)
+    model, model_config = load_model(source, config.dtype, config.device, config.load_format,
+                                     config.model_format)
     tokenizer = template = None
     if config.load_format != "dummy":
         tokenizer = _load_tokenizer(source)

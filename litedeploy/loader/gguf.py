@@ -74,15 +74,28 @@ class GGUFCheckpoint:
 
     def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, dequantized tensor), one at a time, in HF orientation."""
-        num_heads = self.hf_config["num_attention_heads"]
-        num_kv_heads = self.hf_config["num_key_value_heads"]
         for name, tensor in self._entries:
-            weight = torch.from_numpy(_dequantize(tensor))
-            if ".self_attn.q_proj." in name:
-                weight = _undo_rope_permute(weight, num_heads)
-            elif ".self_attn.k_proj." in name:
-                weight = _undo_rope_permute(weight, num_kv_heads)
-            yield name, weight.to(dtype)
+            yield name, self.dequantized(name, tensor).to(dtype)
+
+    def entries(self) -> list[tuple[str, Any]]:
+        """(HF name, gguf ReaderTensor) pairs; `.tensor_type` tells each one's quantization."""
+        return list(self._entries)
+
+    def dequantized(self, name: str, tensor: Any) -> torch.Tensor:
+        return self.hf_row_order(name, torch.from_numpy(_dequantize(tensor)))
+
+    def raw_rows(self, name: str, tensor: Any) -> torch.Tensor:
+        """The quantized blocks as uint8 [rows, bytes per row], rows in HF order (the Q/K
+        permutation is on output rows, so it applies to packed rows as well)."""
+        raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8, copy=True))
+        return self.hf_row_order(name, raw.reshape(int(tensor.shape[-1]), -1))
+
+    def hf_row_order(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if ".self_attn.q_proj." in name:
+            return _undo_rope_permute(weight, self.hf_config["num_attention_heads"])
+        if ".self_attn.k_proj." in name:
+            return _undo_rope_permute(weight, self.hf_config["num_key_value_heads"])
+        return weight
 
     def load_tokenizer(self):
         """A transformers fast tokenizer built from the GGUF metadata (vocab, merges, specials)."""

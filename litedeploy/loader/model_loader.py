@@ -16,6 +16,7 @@ from litedeploy.config import ModelConfig
 from litedeploy.errors import ModelLoadError, ModelNotFoundError
 from litedeploy.layers.rotary import RotaryEmbedding
 from litedeploy.loader import weights
+from litedeploy.loader.quantization import QuantizationPlan, plan_quantization
 from litedeploy.models.decoder import DecoderForCausalLM
 from litedeploy.models.registry import model_class_for
 
@@ -80,10 +81,13 @@ def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torc
 
 
 def build_model(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device
+    config: ModelConfig, dtype: torch.dtype, device: torch.device,
+    quantization: QuantizationPlan | None = None,
 ) -> DecoderForCausalLM:
     with torch.device("meta"):
         model = model_class_for(config)(config)
+        if quantization is not None:  # swap linears before any weight memory exists
+            quantization.swap_linears(model)
     # cast while still on meta (free), then allocate once at the target dtype
     model = model.to(dtype).to_empty(device=device)
     # rotary inverse frequencies are computed, not loaded: rebuild them on the device in fp32
@@ -94,17 +98,21 @@ def build_model(
 
 
 def load_model(
-    source: ModelSource, dtype: str = "auto", device: str = "auto", load_format: str = "auto"
+    source: ModelSource, dtype: str = "auto", device: str = "auto", load_format: str = "auto",
+    model_format: str | None = None,
 ) -> tuple[DecoderForCausalLM, ModelConfig]:
-    config = ModelConfig.from_hf(source.hf_config)
+    plan = plan_quantization(source, model_format)
+    config = ModelConfig.from_hf(plan.hf_config if plan else source.hf_config)
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, config, target_device)
-    model = build_model(config, target_dtype, target_device)
+    model = build_model(config, target_dtype, target_device, plan)
     if load_format == "dummy":
         _init_random(model)
     else:
-        tensors, total = _checkpoint_tensors(source)
+        tensors, total = plan.tensors() if plan else _checkpoint_tensors(source)
         _load_tensors(model, tensors, total)
+    if plan is not None:
+        plan.finalize(model)
     return model, config
 
 

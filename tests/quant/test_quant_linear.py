@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from litedeploy.layers.quant_linear import (
-    Int4Linear, Int8Linear, dequantize_int4, pack_awq, quantize_int4, quantize_int8,
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    pack_awq,
+    quantize_int4,
+    quantize_int8,
 )
 from litedeploy.loader.awq import awq_to_rows
 
