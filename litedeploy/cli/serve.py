@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 
@@ -14,6 +15,9 @@ from litedeploy.cli.args import (
     engine_config_from,
 )
 
+# the server's defaults, repeated here so `--help` works without fastapi installed
+MAX_REQUEST_NEW_TOKENS = 65536
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
 API_SERVER_PORT = 23333
 GRADIO_PORT = 6006
 LOCALHOST = "127.0.0.1"
@@ -23,6 +27,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -45,7 +56,15 @@ def _add_api_server(kinds) -> None:
     group.add_argument("--server-name", default=LOCALHOST, help="address to listen on")
     group.add_argument("--server-port", type=int, default=API_SERVER_PORT)
     group.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
-                       help="accept only `Authorization: Bearer KEY` (GET /health is exempt)")
+                       help="accept only `Authorization: Bearer KEY` on every endpoint but "
+                            "GET /health (default: $LITEDEPLOY_API_KEYS, space-separated)")
+    group.add_argument("--metrics-public", action="store_true",
+                       help="serve /metrics without an API key")
+    group.add_argument("--ssl", action="store_true",
+                       help="serve HTTPS with --ssl-keyfile/--ssl-certfile (or $SSL_KEYFILE, "
+                            "$SSL_CERTFILE)")
+    group.add_argument("--ssl-keyfile", default=None, help="PEM private key (with --ssl)")
+    group.add_argument("--ssl-certfile", default=None, help="PEM certificate chain (with --ssl)")
     group.add_argument("--allow-origins", nargs="+", default=["*"], help="CORS origins")
     group.add_argument("--allow-credentials", action="store_true", help="CORS credentials")
     group.add_argument("--allow-methods", nargs="+", default=["*"], help="CORS methods")
@@ -55,8 +74,26 @@ def _add_api_server(kinds) -> None:
                             "or file name)")
     group.add_argument("--max-concurrent-requests", type=_positive_int, default=None,
                        help="generations in flight before new ones get 503 (default: no limit)")
+    group.add_argument("--max-waiting-requests", type=_positive_int, default=None,
+                       help="requests waiting for their first token before new ones get 503 "
+                            "(default: no limit)")
+    group.add_argument("--max-request-new-tokens", type=_positive_int,
+                       default=MAX_REQUEST_NEW_TOKENS,
+                       help="cap on n x max_tokens of one request (400 above it)")
+    group.add_argument("--max-request-bytes", type=_positive_int, default=MAX_REQUEST_BYTES,
+                       help="request body size limit (413 above it)")
+    group.add_argument("--request-read-timeout", type=_positive_float, default=30.0,
+                       help="seconds a client may take to send a request head or to go on with "
+                            "its body before the server drops it")
+    group.add_argument("--timeout-keep-alive", type=_positive_float, default=5.0,
+                       help="seconds an idle keep-alive connection stays open")
+    group.add_argument("--drain-timeout", type=_positive_float, default=30.0,
+                       help="on SIGTERM, seconds in-flight requests may take to finish (new "
+                            "ones get 503) before the server exits")
     group.add_argument("--max-log-len", type=int, default=None,
                        help="max prompt characters in the request log (default: unlimited)")
+    group.add_argument("--enable-debug-endpoints", action="store_true",
+                       help="serve /debug/state and POST /debug/fail_next_step (tests only)")
     group.add_argument("--disable-fastapi-docs", action="store_true",
                        help="do not serve /docs, /redoc and /openapi.json")
     add_engine_args(parser)
@@ -111,32 +148,67 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _ssl_files(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    from litedeploy.serve.errors import ServerStartError
+
+    keyfile = args.ssl_keyfile or (os.environ.get("SSL_KEYFILE") if args.ssl else None)
+    certfile = args.ssl_certfile or (os.environ.get("SSL_CERTFILE") if args.ssl else None)
+    if not args.ssl:
+        if keyfile or certfile:
+            raise ServerStartError("--ssl-keyfile/--ssl-certfile need --ssl")
+        return None, None
+    for flag, path in (("--ssl-keyfile", keyfile), ("--ssl-certfile", certfile)):
+        if not path or not os.path.isfile(path):
+            raise ServerStartError(f"--ssl needs {flag} (or ${flag[2:].replace('-', '_').upper()})"
+                                   f" naming a PEM file; got {path!r}")
+    return keyfile, certfile
+
+
+def settings_from(args: argparse.Namespace, model_name: str):
+    from litedeploy.serve.openai_server import ServerSettings
+
+    api_keys = args.api_keys or os.environ.get("LITEDEPLOY_API_KEYS", "").split() or None
+    return ServerSettings(
+        model_name=args.model_name or model_name, api_keys=api_keys,
+        metrics_public=args.metrics_public,
+        allow_origins=args.allow_origins, allow_credentials=args.allow_credentials,
+        allow_methods=args.allow_methods, allow_headers=args.allow_headers,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_waiting_requests=args.max_waiting_requests,
+        max_request_new_tokens=args.max_request_new_tokens,
+        max_request_bytes=args.max_request_bytes, body_read_timeout_s=args.request_read_timeout,
+        max_log_len=args.max_log_len, disable_fastapi_docs=args.disable_fastapi_docs,
+        enable_debug_endpoints=args.enable_debug_endpoints)
+
+
 def run_api_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     from litedeploy.engine.async_engine import AsyncEngine
-    from litedeploy.serve.openai_server import ServerSettings, create_app
+    from litedeploy.serve.openai_server import create_app
+    from litedeploy.serve.runtime import DrainingServer, timed_h11_protocol
 
+    ssl_keyfile, ssl_certfile = _ssl_files(args)
     sock = _bind(args.server_name, args.server_port)  # fail before a long model load
     engine = AsyncEngine.from_pretrained(args.model_path, engine_config_from(args))
     try:
-        settings = ServerSettings(
-            model_name=args.model_name or engine.model_name, api_keys=args.api_keys,
-            allow_origins=args.allow_origins, allow_credentials=args.allow_credentials,
-            allow_methods=args.allow_methods, allow_headers=args.allow_headers,
-            max_concurrent_requests=args.max_concurrent_requests,
-            max_log_len=args.max_log_len, disable_fastapi_docs=args.disable_fastapi_docs)
+        settings = settings_from(args, engine.model_name)
         app = create_app(engine, settings)
         shape = engine.engine.kv_cache.shape
         docs = "" if args.disable_fastapi_docs else ", docs at /docs"
+        scheme = "https" if ssl_certfile else "http"
         print(f"litedeploy api_server: {settings.model_name} on {engine.engine.device}, KV cache "
               f"{shape.num_tokens} tokens ({shape.size_gib:.2f} GiB), session_len "
-              f"{engine.engine.session_len}; serving http://{args.server_name}:"
+              f"{engine.engine.session_len}; serving {scheme}://{args.server_name}:"
               f"{args.server_port} (OpenAI API at /v1{docs})", flush=True)
         config = uvicorn.Config(app, log_level=args.log_level.lower(),
                                 access_log=args.log_level in ("DEBUG", "INFO"),
-                                timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+                                http=timed_h11_protocol(args.request_read_timeout),
+                                timeout_keep_alive=args.timeout_keep_alive,
+                                timeout_graceful_shutdown=2,
+                                ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile)
+        server = DrainingServer(config, app.state.server.admission, args.drain_timeout)
+        server.run(sockets=[sock])
     finally:
         engine.close()
         sock.close()

@@ -7,12 +7,14 @@ iterator early (a client disconnect, a cancelled task) aborts the request and fr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine.engine import LLMEngine
@@ -24,11 +26,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Command:
-    kind: str  # "add" | "abort"
+    kind: str  # "add" | "abort" | "call"
     request_id: str
     prompt_ids: list[int] | None = None
     gen: GenerationConfig | None = None
     sink: _Sink | None = None
+    fn: Callable[[LLMEngine], Any] | None = None  # "call": run on the engine thread
+    future: concurrent.futures.Future | None = None
 
 
 class _Sink:
@@ -111,6 +115,13 @@ class AsyncEngine:
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """`fn(engine)` on the engine thread between two steps, so it sees consistent state
+        (integrity checks, fault injection in tests)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Command("call", "", fn=fn, future=future))
+        return await asyncio.wrap_future(future)
+
     def close(self) -> None:
         self._stopped.set()
         self._commands.put(_Command("abort", ""))
@@ -152,6 +163,12 @@ class AsyncEngine:
                 return
 
     def _apply(self, command: _Command) -> None:
+        if command.kind == "call":
+            try:
+                command.future.set_result(command.fn(self.engine))
+            except Exception as exc:  # noqa: BLE001 - raised in the caller instead
+                command.future.set_exception(exc)
+            return
         if command.kind == "abort":
             if self.engine.abort(command.request_id):
                 self._sinks.pop(command.request_id, None)

@@ -1,4 +1,4 @@
-"""OpenAI's error envelope, and the ASGI guards that answer with it (API keys, body size, overload).
+"""OpenAI's error envelope: the one shape of every error a client sees.
 
 Every error a client sees is `{"error": {"message", "type", "param", "code"}}` with a fitting HTTP
 status; tracebacks stay in the server log. Pydantic's 422 becomes a 400 with a one-line message.
@@ -6,10 +6,9 @@ status; tracebacks stay in the server log. Pydantic's 422 becomes a 400 with a o
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,15 +16,10 @@ from litedeploy.errors import LiteDeployError, RequestError
 
 logger = logging.getLogger(__name__)
 
-# A chat request of a whole 1M-token context is ~5 MB of JSON; anything larger is a mistake.
-MAX_REQUEST_BYTES = 32 * 1024 * 1024
-# Paths a client may call without an API key (load balancers probe them).
-AUTH_EXEMPT_PATHS = frozenset({"/health"})
-# Endpoints that start a generation and count against --max-concurrent-requests.
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _TYPE_BY_STATUS = {400: "invalid_request_error", 401: "invalid_request_error",
                    404: "invalid_request_error", 405: "invalid_request_error",
-                   413: "invalid_request_error", 503: "server_error"}
+                   408: "invalid_request_error", 413: "invalid_request_error",
+                   503: "server_error"}
 
 
 class ServerStartError(LiteDeployError):
@@ -83,6 +77,14 @@ def validation_message(errors: Iterable[dict[str, Any]]) -> tuple[str, str | Non
     return "; ".join(unique) or "invalid request", first_param
 
 
+def body_parse_message(cause: BaseException) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 (byte {cause.start}); send UTF-8 JSON"
+    if isinstance(cause, RecursionError):
+        return "the request body nests JSON too deeply to parse"
+    return f"the request body could not be parsed ({type(cause).__name__})"
+
+
 def install_error_handlers(app) -> None:
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
@@ -102,7 +104,10 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_request, exc: HTTPException):
-        return error_response(APIError(exc.status_code, str(exc.detail),
+        message = str(exc.detail)
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's body parse failure
+            message = body_parse_message(exc.__cause__)
+        return error_response(APIError(exc.status_code, message,
                                        headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
@@ -112,86 +117,9 @@ def install_error_handlers(app) -> None:
                                             "see the server log"))
 
 
-# ---- ASGI guards ------------------------------------------------------------------------------
-ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
-
-
-async def _send_error(send: Callable, exc: APIError) -> None:
+def error_bytes(exc: APIError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The envelope as raw ASGI body and headers, for guards that answer before FastAPI."""
     body = json.dumps(error_body(exc.status, exc.message, exc.param, exc.code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(key.lower().encode(), value.encode()) for key, value in exc.headers.items()]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-class ApiKeyGuard:
-    """`Authorization: Bearer <key>` must carry one of the keys (constant-time compare)."""
-
-    def __init__(self, app: ASGIApp, api_keys: list[str]):
-        self.app = app
-        self.api_keys = [key.encode() for key in api_keys]
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] in AUTH_EXEMPT_PATHS or \
-                scope["method"] == "OPTIONS":
-            return await self.app(scope, receive, send)
-        header = dict(scope.get("headers") or ()).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        valid = scheme.lower() == b"bearer" and any(
-            hmac.compare_digest(token.strip(), key) for key in self.api_keys)
-        if not valid:
-            message = ("invalid API key: send `Authorization: Bearer <key>` with one of the "
-                       "server's --api-keys" if header else
-                       "missing API key: send `Authorization: Bearer <key>`")
-            return await _send_error(send, APIError(401, message, code="invalid_api_key",
-                                                    headers={"WWW-Authenticate": "Bearer"}))
-        return await self.app(scope, receive, send)
-
-
-class BodyLimitGuard:
-    """Rejects request bodies over `max_bytes` with 413, counting what is actually read."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_REQUEST_BYTES):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        num_bytes = 0
-
-        async def counted_receive() -> dict:
-            nonlocal num_bytes
-            message = await receive()
-            num_bytes += len(message.get("body", b""))
-            if num_bytes > self.max_bytes:
-                from starlette.exceptions import HTTPException
-
-                raise HTTPException(413, f"the request body is over the limit of "
-                                         f"{self.max_bytes} bytes")
-            return message
-
-        return await self.app(scope, counted_receive, send)
-
-
-class ConcurrencyGuard:
-    """At most `max_requests` generations in flight; the next gets 503 with Retry-After."""
-
-    def __init__(self, app: ASGIApp, max_requests: int):
-        self.app = app
-        self.max_requests = max_requests
-        self.num_in_flight = 0
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] not in GENERATION_PATHS:
-            return await self.app(scope, receive, send)
-        if self.num_in_flight >= self.max_requests:
-            message = (f"the server is busy: {self.num_in_flight} requests are running, the "
-                       f"limit is {self.max_requests} (--max-concurrent-requests); retry later")
-            return await _send_error(send, APIError(503, message, code="overloaded",
-                                                    headers={"Retry-After": "1"}))
-        self.num_in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.num_in_flight -= 1
+    return body, headers

@@ -19,10 +19,33 @@ DEFAULT_TOP_K = 40
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and lmdeploy's default for /v1/completions
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
+# Each stop string is searched in the text after every token: bound the work one request brings.
+MAX_STOP_WORDS = 64
+MAX_STOP_WORD_CHARS = 256
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope, declared so /openapi.json (and schemathesis) know the 4xx/5xx."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description} for status, description in (
+        (400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
+        (408, "request body not sent in time"), (413, "request body too large"),
+        (500, "generation failed"), (503, "overloaded or shutting down; see Retry-After"))}
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _unsupported(what: str, hint: str) -> ValueError:
@@ -111,8 +134,13 @@ class _SamplingRequest(_Strict):
     @classmethod
     def _stop_list(cls, stop: Any) -> list[str] | None:
         words = _string_list(stop, "stop")
-        if words is not None and any(not word for word in words):
+        if words is None:
+            return None
+        if any(not word for word in words):
             raise ValueError("stop strings must not be empty")
+        if len(words) > MAX_STOP_WORDS or any(len(w) > MAX_STOP_WORD_CHARS for w in words):
+            raise ValueError(f"at most {MAX_STOP_WORDS} stop strings of at most "
+                             f"{MAX_STOP_WORD_CHARS} characters each (got {len(words)})")
         return words
 
     @field_validator("logit_bias")

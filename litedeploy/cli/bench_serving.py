@@ -1,0 +1,75 @@
+"""`litedeploy bench serving`: load a running api_server and print the figures as JSON.
+
+Wired into `litedeploy bench` by `add_serving_parser(kinds)` with the other bench kinds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from litedeploy.cli.args import HelpFormatter, add_log_arg
+
+
+def _rate(text: str) -> float:
+    value = float(text)  # float("inf") parses "inf"
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 requests/s or inf, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_serving_parser(kinds) -> None:
+    parser = kinds.add_parser("serving", formatter_class=HelpFormatter,
+                              help="load a running OpenAI-compatible server (streaming requests)")
+    parser.add_argument("--url", default="http://127.0.0.1:23333", help="the server's address")
+    parser.add_argument("--num-prompts", type=_positive_int, default=200)
+    parser.add_argument("--request-rate", type=_rate, default=math.inf,
+                        help="requests per second (Poisson arrivals), or inf = all at once")
+    parser.add_argument("--max-concurrency", type=_positive_int, default=None,
+                        help="max requests in flight (default: no limit)")
+    parser.add_argument("--max-tokens", type=_positive_int, default=64,
+                        help="max_tokens of each request (ignore_eos keeps lengths equal)")
+    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    parser.add_argument("--model", default=None, help="default: the first of /v1/models")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                        help="one of the server's --api-keys (default: $OPENAI_API_KEY)")
+    parser.add_argument("--no-ignore-eos", action="store_true",
+                        help="let replies stop at EOS (lengths then vary)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt choice and arrival times")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--insecure", action="store_true",
+                        help="do not verify the server's TLS certificate")
+    parser.add_argument("--output-json", default=None, help="also write the result here")
+    add_log_arg(parser)
+    parser.set_defaults(run=run_serving_cli)
+
+
+def run_serving_cli(args: argparse.Namespace) -> int:
+    """Exit 0 when every request succeeded, 1 otherwise (so scripts can stop on errors)."""
+    from litedeploy.bench.serving import run_serving
+
+    result = run_serving(args.url, args.num_prompts, args.request_rate, args.max_concurrency,
+                         max_tokens=args.max_tokens, endpoint=args.endpoint, model=args.model,
+                         api_key=args.api_key, seed=args.seed,
+                         ignore_eos=not args.no_ignore_eos, timeout_s=args.timeout,
+                         verify=not args.insecure)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output_json:
+        with open(args.output_json, "w") as handle:
+            handle.write(text + "\n")
+    if result["errors"]:
+        print(f"litedeploy: {result['errors']} of {args.num_prompts} requests failed",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,184 @@
+"""The two generation endpoints: /v1/chat/completions and /v1/completions, full or streamed."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+from litedeploy.engine.request import RequestOutput
+from litedeploy.engine.sampler import SampledToken
+from litedeploy.errors import RequestError
+from litedeploy.serve import protocol as p
+from litedeploy.serve.errors import APIError, error_body
+from litedeploy.serve.streaming import FanOut, sse_event
+
+if TYPE_CHECKING:
+    from litedeploy.serve.openai_server import OpenAIServer
+
+logger = logging.getLogger(__name__)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage_of(finals: dict[int, RequestOutput], n: int) -> p.Usage:
+    """Prompt tokens counted once per prompt (not per choice), completion tokens per choice."""
+    prompt_outputs = [out for index, out in finals.items() if index % n == 0]
+    prompt_tokens = sum(out.input_token_len for out in prompt_outputs)
+    completion_tokens = sum(out.generate_token_len for out in finals.values())
+    cached = sum(out.num_cached_tokens for out in prompt_outputs)
+    return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached))
+
+
+def stream_error_event(exc: Exception) -> str:
+    status = exc.status if isinstance(exc, APIError) else 400 if isinstance(
+        exc, RequestError) else 500
+    if status == 500 and not isinstance(exc, APIError):
+        logger.exception("stream failed", exc_info=exc)
+    return sse_event(error_body(status, str(exc)))
+
+
+
+def _encode_messages(server: OpenAIServer, messages: list[dict]) -> list[int]:
+    from jinja2 import TemplateError
+
+    try:
+        return server.engine.encode_prompt(messages)
+    except (TemplateError, TypeError, KeyError) as exc:
+        raise APIError(400, f"the chat template cannot render these messages: {exc}",
+                       param="messages") from exc
+
+
+async def collect_outputs(fan: FanOut):
+    texts: dict[int, str] = {}
+    logprobs: dict[int, list[SampledToken]] = {}
+    finals: dict[int, RequestOutput] = {}
+    async for index, out in fan:
+        texts[index] = texts.get(index, "") + out.text
+        if out.logprobs is not None:
+            logprobs.setdefault(index, []).extend(out.logprobs)
+        if out.finished:
+            finals[index] = out
+    return texts, logprobs, finals
+
+
+async def chat_completions(server: OpenAIServer, body: p.ChatCompletionRequest,
+                           request: Request):
+    server.check_model(body.model)
+    messages = [message.for_template() for message in body.messages]
+    prompt_ids = _encode_messages(server, messages)
+    gen = body.to_generation_config()
+    request_id = new_id("chatcmpl")
+    server.log_request(request_id, messages, gen, body.user)
+    fan = server.fan_out([prompt_ids], gen, body.n, request_id)
+    await server.start(fan)
+    created = int(time.time())
+    if body.stream:
+        return server.respond_stream(fan, _chat_events(server, fan, body, request_id, created))
+    texts, logprobs, finals = await server.collect(fan, request)
+    empty = [] if body.logprobs else None
+    choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=texts.get(i, "")),
+                            logprobs=server.chat_logprobs(logprobs.get(i, empty)),
+                            finish_reason=finals[i].finish_reason) for i in sorted(finals)]
+    return p.ChatCompletionResponse(id=request_id, created=created, model=body.model,
+                                    choices=choices, usage=usage_of(finals, body.n))
+
+
+async def _chat_events(server: OpenAIServer, fan: FanOut, body: p.ChatCompletionRequest,
+                       request_id: str, created: int) -> AsyncIterator[str]:
+    base = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+            "model": body.model}
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        return sse_event({**base, "choices": choices, **({"usage": usage} if body.include_usage
+                                                   else {})})
+
+    def choice(index: int, delta: dict, logprobs=None, finish_reason=None) -> dict:
+        return {"index": index, "delta": delta, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+
+    yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(body.n)])
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for index, out in fan:
+            if out.text or out.logprobs:
+                logprobs = server.chat_logprobs(out.logprobs)
+                yield chunk([choice(index, {"content": out.text},
+                                    logprobs.model_dump() if logprobs else None)])
+            if out.finished:
+                finals[index] = out
+                yield chunk([choice(index, {}, None, out.finish_reason)])
+    except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
+        yield stream_error_event(exc)
+    else:
+        if body.include_usage:
+            yield chunk([], usage_of(finals, body.n).model_dump())
+    yield "data: [DONE]\n\n"
+
+
+async def completions(server: OpenAIServer, body: p.CompletionRequest,
+                      request: Request):
+    server.check_model(body.model)
+    prompts: list[str | list[int]] = body.prompt
+    prompt_ids = [server.engine.encode_prompt(x, do_preprocess=False) if isinstance(x, str)
+                  else x for x in prompts]
+    echoes = [(x if isinstance(x, str) else server.engine.tokenizer.decode(x, False))
+              if body.echo else "" for x in prompts]
+    gen = body.to_generation_config()
+    request_id = new_id("cmpl")
+    server.log_request(request_id, prompts, gen, body.user)
+    fan = server.fan_out(prompt_ids, gen, body.n, request_id)
+    await server.start(fan)
+    created = int(time.time())
+    if body.stream:
+        events = _completion_events(server, fan, body, echoes, request_id, created)
+        return server.respond_stream(fan, events)
+    texts, logprobs, finals = await server.collect(fan, request)
+    empty = [] if body.logprobs is not None else None
+    choices = [p.CompletionChoice(index=i, text=echoes[i // body.n] + texts.get(i, ""),
+                                  logprobs=server.completion_logprobs(logprobs.get(i, empty), 0),
+                                  finish_reason=finals[i].finish_reason) for i in sorted(finals)]
+    return p.CompletionResponse(id=request_id, created=created, model=body.model,
+                                choices=choices, usage=usage_of(finals, body.n))
+
+
+async def _completion_events(server: OpenAIServer, fan: FanOut, body: p.CompletionRequest,
+                             echoes: list[str], request_id: str,
+                             created: int) -> AsyncIterator[str]:
+    base = {"id": request_id, "object": "text_completion", "created": created,
+            "model": body.model}
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        return sse_event({**base, "choices": choices, **({"usage": usage} if body.include_usage
+                                                   else {})})
+
+    num_choices = len(echoes) * body.n
+    if body.echo:
+        yield chunk([{"index": i, "text": echoes[i // body.n], "logprobs": None,
+                      "finish_reason": None} for i in range(num_choices)])
+    offsets = [0] * num_choices
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for index, out in fan:
+            if not (out.text or out.logprobs or out.finished):
+                continue
+            logprobs = server.completion_logprobs(out.logprobs, offsets[index])
+            offsets[index] += len(out.text)
+            finals.update({index: out} if out.finished else {})
+            yield chunk([{"index": index, "text": out.text,
+                          "logprobs": logprobs.model_dump() if logprobs else None,
+                          "finish_reason": out.finish_reason if out.finished else None}])
+    except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
+        yield stream_error_event(exc)
+    else:
+        if body.include_usage:
+            yield chunk([], usage_of(finals, body.n).model_dump())
+    yield "data: [DONE]\n\n"
