@@ -6,6 +6,7 @@ after it reads our field names only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +47,32 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # dtype the checkpoint declares ("bfloat16", "float16", "float32")
     checkpoint_dtype: str = "float32"
+    # tensor parallelism: num_heads, num_kv_heads and intermediate_size are this rank's share;
+    # vocab_size stays the full vocabulary (embedding and LM head hold vocab_size / tp_size rows)
+    tp_size: int = 1
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def shard(self, tp_size: int) -> "ModelConfig":
+        """This rank's view of the model under `tp_size`-way tensor parallelism."""
+        if tp_size == 1:
+            return self
+        sizes = {
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size,
+        }
+        for name, size in sizes.items():
+            if size % tp_size:
+                raise ModelLoadError(
+                    f"--tp {tp_size} does not divide {name} {size}; choose a --tp that does")
+        return dataclasses.replace(
+            self, num_heads=self.num_heads // tp_size,
+            num_kv_heads=self.num_kv_heads // tp_size,
+            intermediate_size=self.intermediate_size // tp_size, tp_size=tp_size,
+        )
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from litedeploy import kernels
+from litedeploy.distributed.parallel_state import all_reduce
 
 
 class AttentionBackend(Protocol):
@@ -49,4 +50,5 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = kernels.apply_rope(q, k, cos, sin)
         out = backend.attend(self.layer_idx, q, k, v)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        # row-parallel under TP: each rank holds some heads, their partial sums add up
+        return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))

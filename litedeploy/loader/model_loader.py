@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from litedeploy.config import ModelConfig
+from litedeploy.distributed.parallel_state import tp_state
 from litedeploy.errors import ModelLoadError, ModelNotFoundError
 from litedeploy.layers.rotary import RotaryEmbedding
 from litedeploy.loader import weights
@@ -102,7 +103,8 @@ def load_model(
     model_format: str | None = None,
 ) -> tuple[DecoderForCausalLM, ModelConfig]:
     plan = plan_quantization(source, model_format)
-    config = ModelConfig.from_hf(plan.hf_config if plan else source.hf_config)
+    tp = tp_state()
+    config = ModelConfig.from_hf(plan.hf_config if plan else source.hf_config).shard(tp.world_size)
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, config, target_device)
     model = build_model(config, target_dtype, target_device, plan)
@@ -110,10 +112,18 @@ def load_model(
         _init_random(model)
     else:
         tensors, total = plan.tensors() if plan else _checkpoint_tensors(source)
-        _load_tensors(model, tensors, total)
+        _load_tensors(model, _rank_slices(tensors, model, tp.rank), total)
     if plan is not None:
         plan.finalize(model)
     return model, config
+
+
+def _rank_slices(tensors: Iterator[tuple[str, torch.Tensor]], model: DecoderForCausalLM,
+                 rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Under tensor parallelism keep only this rank's slice of each sharded tensor."""
+    for name, tensor in tensors:
+        piece = model.tp_slice(name, rank)
+        yield name, tensor if piece is None else tensor.narrow(*piece)
 
 
 def _checkpoint_tensors(source: ModelSource) -> tuple[Iterator[tuple[str, torch.Tensor]], int | None]:

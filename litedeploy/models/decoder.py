@@ -11,6 +11,7 @@ from torch import nn
 
 from litedeploy.config import ModelConfig
 from litedeploy.layers.attention import Attention, AttentionBackend
+from litedeploy.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from litedeploy.layers.mlp import GatedMLP
 from litedeploy.layers.norm import RMSNorm
 from litedeploy.layers.rotary import RotaryEmbedding
@@ -47,7 +48,8 @@ class DecoderLayer(nn.Module):
 class DecoderBody(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, config.tp_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -59,7 +61,7 @@ class DecoderForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DecoderBody(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, config.tp_size)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
 
     def tie_weights(self) -> None:
@@ -110,6 +112,39 @@ class DecoderForCausalLM(nn.Module):
             if f".{hf_proj}." in name:
                 return [(name.replace(hf_proj, packed), shard, tensor)]
         return [(name, None, tensor)]
+
+
+    # ---- tensor parallelism --------------------------------------------------------------
+    def tp_split(self, name: str) -> tuple[int, int] | None:
+        """(dim, this rank's size along dim) of a checkpoint tensor under TP; None = replicated."""
+        cfg = self.config
+        q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        rules = {
+            ".self_attn.q_proj.": (0, q_rows), ".self_attn.k_proj.": (0, kv_rows),
+            ".self_attn.v_proj.": (0, kv_rows), ".mlp.gate_proj.": (0, cfg.intermediate_size),
+            ".mlp.up_proj.": (0, cfg.intermediate_size), ".self_attn.o_proj.": (1, q_rows),
+            ".mlp.down_proj.": (1, cfg.intermediate_size),
+            "embed_tokens.": (0, cfg.vocab_size // cfg.tp_size),
+            "lm_head.": (0, cfg.vocab_size // cfg.tp_size),
+        }
+        return _match_rule(name, rules)
+
+    def tp_slice(self, name: str, rank: int) -> tuple[int, int, int] | None:
+        """(dim, start, length) of rank's slice of a checkpoint tensor, or None (replicated)."""
+        if self.config.tp_size == 1:
+            return None
+        split = self.tp_split(name)
+        if split is None:
+            return None
+        dim, size = split
+        return dim, rank * size, size
+
+
+def _match_rule(name: str, rules: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
+    for fragment, rule in rules.items():
+        if fragment in name:
+            return rule
+    return None
 
 
 _LLAMA_PACKED: dict[str, tuple[str, str]] = {

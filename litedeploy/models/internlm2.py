@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from litedeploy.errors import ModelLoadError
-from litedeploy.models.decoder import DecoderForCausalLM
+from litedeploy.models.decoder import DecoderForCausalLM, _match_rule
 
 _RENAMES = (
     ("model.tok_embeddings.", "model.embed_tokens."),
@@ -34,6 +34,20 @@ class InternLM2ForCausalLM(DecoderForCausalLM):
                 name = name.replace(old, new)
                 break
         return super().map_weight(name, tensor)
+
+    def tp_split(self, name: str) -> tuple[int, int] | None:
+        cfg = self.config
+        q_rows = cfg.num_heads * cfg.head_dim
+        # wqkv rows are grouped per KV head, so a rank's KV groups are one contiguous row range
+        wqkv_rows = cfg.num_kv_heads * (cfg.q_per_kv + 2) * cfg.head_dim
+        rules = {
+            ".attention.wqkv.": (0, wqkv_rows), ".feed_forward.w1.": (0, cfg.intermediate_size),
+            ".feed_forward.w3.": (0, cfg.intermediate_size), ".attention.wo.": (1, q_rows),
+            ".feed_forward.w2.": (1, cfg.intermediate_size),
+            "tok_embeddings.": (0, cfg.vocab_size // cfg.tp_size),
+            "output.": (0, cfg.vocab_size // cfg.tp_size),
+        }
+        return _match_rule(name, rules)
 
     def split_wqkv(
         self, name: str, wqkv: torch.Tensor

@@ -1,0 +1,66 @@
+"""Tensor-parallel state of this process and the collectives the sharded layers need.
+
+With tp == 1 (the default) every collective is a no-op, so single-device code pays nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPState:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+
+_STATE = TPState()
+
+
+def tp_state() -> TPState:
+    return _STATE
+
+
+def init_tensor_parallel(rank: int, world_size: int, master_addr: str, master_port: int,
+                         backend: str, timeout_s: float = 120.0) -> TPState:
+    """Join the process group (gloo on CPU, nccl on CUDA) and remember this rank."""
+    global _STATE
+    if world_size > 1:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast on lent machines
+        dist.init_process_group(
+            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+            world_size=world_size, timeout=timedelta(seconds=timeout_s),
+        )
+    _STATE = TPState(rank, world_size)
+    return _STATE
+
+
+def destroy_tensor_parallel() -> None:
+    global _STATE
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE = TPState()
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _STATE.world_size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """[..., n] on each rank -> [..., n * world_size] in rank order."""
+    if _STATE.world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_STATE.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
