@@ -86,7 +86,7 @@ def wait_until_ready(server: ServerProcess, path: str = "/health") -> None:
 
 @pytest.fixture(scope="session")
 def api_servers(tmp_path_factory):
-    """(open server, server with --api-keys and --max-concurrent-requests 1)."""
+    """(open server, server with --api-keys, --metrics-public and --max-concurrent-requests 1)."""
     logs = tmp_path_factory.mktemp("api_server_logs")
     common = ["serve", "api_server", "--cache-max-tokens", "16384"]
     open_port, keyed_port = free_port(), free_port()
@@ -95,7 +95,7 @@ def api_servers(tmp_path_factory):
                           "--session-len", str(OPEN_SESSION_LEN)], open_port, logs / "open.log"),
         start_litedeploy([*common, "--server-port", str(keyed_port), "--api-keys", "other-key",
                           API_KEY, "--max-concurrent-requests", "1", "--model-name",
-                          KEYED_MODEL_NAME], keyed_port, logs / "keyed.log"),
+                          KEYED_MODEL_NAME, "--metrics-public"], keyed_port, logs / "keyed.log"),
     ]
     try:
         for server in servers:

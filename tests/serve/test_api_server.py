@@ -256,7 +256,7 @@ def test_bad_requests_get_openai_errors(api_server, model, case, path, body, sta
 
 
 def test_body_over_the_limit_is_413(api_server):
-    from litedeploy.serve.errors import MAX_REQUEST_BYTES
+    from litedeploy.serve.guards import MAX_REQUEST_BYTES
 
     body = b'{"model": "' + b"x" * MAX_REQUEST_BYTES + b'"}'
     response = httpx.post(api_server.url + "/v1/completions", content=body, timeout=60)
