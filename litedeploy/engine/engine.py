@@ -15,7 +15,7 @@ from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine.block_manager import BlockManager
 from litedeploy.engine.detokenizer import IncrementalDetokenizer
 from litedeploy.engine.kv_cache import KVCache, plan_cache
-from litedeploy.engine.model_runner import ModelRunner
+from litedeploy.engine.model_runner import ModelRunner, warm_up_model
 from litedeploy.engine.request import RequestOutput, RequestState
 from litedeploy.engine.sampler import Sampler
 from litedeploy.engine.scheduler import Scheduler
@@ -35,6 +35,9 @@ class LLMEngine:
         self.tokenizer = bundle.tokenizer
         self.device = bundle.device
         self.session_len = config.session_len or self.model_config.max_position_embeddings
+        if self.device.type == "cuda":  # activations first, so the cache gets what is left
+            warm_up_model(bundle.model, min(config.max_prefill_token_num, self.session_len),
+                          config.max_batch_size, config.cache_block_seq_len, self.device)
         cache_shape = plan_cache(
             self.model_config, config.cache_config(), bundle.dtype, self.device,
             max_useful_tokens=config.max_batch_size * self.session_len,
@@ -47,7 +50,8 @@ class LLMEngine:
             self.block_manager, config.max_batch_size, config.max_prefill_token_num,
             self.session_len,
         )
-        self.runner = ModelRunner(bundle.model, self.kv_cache, self.device)
+        self.runner = ModelRunner(bundle.model, self.kv_cache, self.device, config.max_batch_size,
+                                  self.session_len, config.eager_mode)
         self.sampler = Sampler(self.device)
         self._seq_ids = itertools.count()
         self._requests: dict[str, Sequence] = {}

@@ -19,10 +19,15 @@ class StepInputs:
     block_tables: torch.Tensor     # [batch, max_blocks] int32
     context_lens: torch.Tensor     # [batch] cached prefix + this step's tokens
     cu_seqlens_q: torch.Tensor     # [batch + 1]
-    logits_indices: torch.Tensor   # [num_sampling_rows] rows of the hidden states to sample from
+    logits_indices: torch.Tensor | None  # [num_sampling_rows] rows to sample from; None: all
     max_q_len: int
     max_context_len: int
     mask: torch.Tensor | None = None  # CPU path: attention mask shared by all layers of the step
+    # CUDA, mixed batches: the leading rows that decode one token go to the decode kernel, the
+    # rest (prefill chunks, cu_seqlens rebased to 0) to the prefill kernel
+    num_decode_rows: int = 0
+    decode_max_context_len: int = 0
+    prefill_cu_seqlens_q: torch.Tensor | None = None
 
 
 class PagedKVBackend:
@@ -38,7 +43,23 @@ class PagedKVBackend:
         k_cache = self.kv_cache.k_caches[layer_idx]
         v_cache = self.kv_cache.v_caches[layer_idx]
         kernels.store_kv(k, v, k_cache, v_cache, step.slot_mapping)
+        if step.prefill_cu_seqlens_q is not None:
+            return self._attend_split(q, k_cache, v_cache)
         return kernels.paged_attention(
             q, k_cache, v_cache, step.block_tables, step.context_lens, step.cu_seqlens_q,
             step.max_q_len, step.max_context_len, self.scale, step.mask,
         )
+
+    def _attend_split(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """Decode rows through the GQA-packed split-K decode kernel, prefill rows through the
+        prefill kernel: in one prefill launch a decode row would fill 1 of 64 query slots."""
+        step, n = self.inputs, self.inputs.num_decode_rows
+        decoded = kernels.paged_attention(
+            q[:n], k_cache, v_cache, step.block_tables[:n], step.context_lens[:n],
+            step.cu_seqlens_q[: n + 1], 1, step.decode_max_context_len, self.scale,
+        )
+        prefilled = kernels.paged_attention(
+            q[n:], k_cache, v_cache, step.block_tables[n:], step.context_lens[n:],
+            step.prefill_cu_seqlens_q, step.max_q_len, step.max_context_len, self.scale,
+        )
+        return torch.cat([decoded, prefilled])

@@ -1,7 +1,8 @@
 """The paged K/V memory: one [num_blocks, block_size, kv_heads, head_dim] pair per layer.
 
 Its size follows lmdeploy's `cache_max_entry_count`: on GPU the fraction of free memory after the
-weights are loaded; on CPU the fraction of available RAM. `max_cache_tokens` overrides both.
+weights are loaded and a warm-up forward has reserved its activations (model_runner.warm_up_model);
+on CPU the fraction of available RAM. `max_cache_tokens` overrides both.
 """
 
 from __future__ import annotations
@@ -63,15 +64,19 @@ def plan_cache(
     if cache_config.max_cache_tokens:
         num_tokens = cache_config.max_cache_tokens
     else:
-        budget = available_memory_bytes(device) * cache_config.cache_max_entry_count
+        free_bytes = available_memory_bytes(device)
+        budget = free_bytes * cache_config.cache_max_entry_count
         num_tokens = min(int(budget // shape.bytes_per_token), max_useful_tokens)
+        logger.info("KV cache budget: %.2f of %.2f GiB free -> %d tokens (%d bytes/token)",
+                    cache_config.cache_max_entry_count, free_bytes / 2**30, num_tokens,
+                    shape.bytes_per_token)
     num_blocks = max(1, num_tokens // cache_config.block_size)
     return CacheShape(num_blocks, cache_config.block_size, model_config.num_layers,
                       model_config.num_kv_heads, model_config.head_dim, dtype)
 
 
 class KVCache:
-    def __init__(self, shape: CacheShape, device: torch.device):
+    def __init__(self, shape: CacheShape, device: torch.device, quiet: bool = False):
         self.shape = shape
         per_layer = (shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
         # empty, not zeros: pages of a CPU cache are only touched when used
@@ -79,5 +84,6 @@ class KVCache:
                          for _ in range(shape.num_layers)]
         self.v_caches = [torch.empty(per_layer, dtype=shape.dtype, device=device)
                          for _ in range(shape.num_layers)]
-        logger.info("KV cache: %d blocks x %d = %d tokens, %.2f GiB", shape.num_blocks,
-                    shape.block_size, shape.num_tokens, shape.size_gib)
+        if not quiet:
+            logger.info("KV cache: %d blocks x %d = %d tokens, %.2f GiB", shape.num_blocks,
+                        shape.block_size, shape.num_tokens, shape.size_gib)

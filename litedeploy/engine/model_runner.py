@@ -1,32 +1,88 @@
-"""Runs one scheduled batch through the model over the paged cache and returns the logits to sample."""
+"""Runs one scheduled batch through the model over the paged cache and returns the logits to sample.
+
+Uniform decode batches replay a captured CUDA graph (see cuda_graph.py); everything else, and
+every batch on CPU or with `eager_mode`, runs eagerly. Nothing here waits for the GPU: the only
+host sync of a step is the sampler's `.tolist()`.
+"""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from litedeploy.engine.cuda_graph import DecodeGraphs
 from litedeploy.engine.forward_context import PagedKVBackend, StepInputs
-from litedeploy.engine.input_builder import build_step_inputs
-from litedeploy.engine.kv_cache import KVCache
+from litedeploy.engine.input_builder import HostStepInputs, build_host_inputs, to_device
+from litedeploy.engine.kv_cache import CacheShape, KVCache
 from litedeploy.engine.scheduler import SchedulerOutput
 from litedeploy.models.decoder import DecoderForCausalLM
 
+logger = logging.getLogger(__name__)
+
 
 class ModelRunner:
-    def __init__(self, model: DecoderForCausalLM, kv_cache: KVCache, device: torch.device):
+    def __init__(self, model: DecoderForCausalLM, kv_cache: KVCache, device: torch.device,
+                 max_batch_size: int = 1, max_context_len: int = 1, eager_mode: bool = True):
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.shape.block_size
         self.scale = model.config.head_dim**-0.5
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and not eager_mode:
+            self.graphs = DecodeGraphs(self.forward, max_batch_size, max_context_len,
+                                       self.block_size, device)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
         """Logits [num_sampling_rows, vocab] float32, in batch order of the sequences that sample."""
-        inputs = build_step_inputs(batch, self.block_size, self.device)
-        return self.forward(inputs)
+        return self.run_host(build_host_inputs(batch, self.block_size))
+
+    @torch.inference_mode()
+    def run_host(self, host: HostStepInputs) -> torch.Tensor:
+        """The same, from inputs already built on the host (TP ranks > 0 receive these)."""
+        if self.graphs is not None and self.graphs.can_run(host):
+            return self.graphs.run(host)
+        return self.forward(to_device(host, self.device))
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits of the rows in `inputs.logits_indices`, or of every row when it is None."""
         backend = PagedKVBackend(self.kv_cache, inputs, self.scale)
         rope_lens = inputs.rope_lens if self.model.rotary.is_dynamic else None
         hidden = self.model(inputs.input_ids, inputs.positions, backend, rope_lens)
-        return self.model.compute_logits(hidden[inputs.logits_indices])
+        if inputs.logits_indices is not None:
+            hidden = hidden[inputs.logits_indices]
+        return self.model.compute_logits(hidden)
+
+
+@torch.inference_mode()
+def warm_up_model(model: DecoderForCausalLM, num_tokens: int, num_logit_rows: int,
+                  block_size: int, device: torch.device) -> None:
+    """One eager forward of the largest prefill the scheduler may send, before the KV cache is
+    sized: it compiles the Triton kernels and leaves its activation peak reserved by PyTorch's
+    allocator, so the cache takes its share of what is really left. It runs over a one-block
+    cache it never writes to (slot -1 everywhere); its outputs are meaningless."""
+    cfg = model.config
+    shape = CacheShape(1, block_size, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                       next(model.parameters()).dtype)
+    cache = KVCache(shape, device, quiet=True)
+    num_logit_rows = min(num_logit_rows, num_tokens)
+    as_long = {"dtype": torch.int64, "device": device}
+    inputs = StepInputs(
+        input_ids=torch.zeros(num_tokens, **as_long),
+        positions=torch.arange(num_tokens, **as_long),
+        rope_lens=torch.full((num_tokens,), num_tokens, **as_long),
+        slot_mapping=torch.full((num_tokens,), -1, **as_long),
+        block_tables=torch.zeros(1, -(-num_tokens // block_size), dtype=torch.int32, device=device),
+        context_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+        cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+        logits_indices=torch.arange(num_tokens - num_logit_rows, num_tokens, **as_long),
+        max_q_len=num_tokens,
+        max_context_len=num_tokens,
+    )
+    runner = ModelRunner(model, cache, device)
+    runner.forward(inputs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

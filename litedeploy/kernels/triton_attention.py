@@ -20,7 +20,7 @@ _LOG2_E = 1.4426950408889634
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, out_ptr,
-    partial_out_ptr, partial_lse_ptr, qk_scale_log2, partition_len, num_splits, stride_q_token,
+    partial_out_ptr, partial_lse_ptr, qk_scale_log2, num_splits, stride_q_token,
     stride_q_head, stride_cache_slot, stride_table_row, stride_o_token, stride_o_head,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
@@ -34,6 +34,9 @@ def _decode_kernel(
     if tl.load(cu_seqlens_q_ptr + seq + 1) == token:  # a sequence with no query this step
         return
     context_len = tl.load(context_lens_ptr + seq)
+    # each sequence splits its own context, so a fixed num_splits (frozen in a captured CUDA
+    # graph) serves every context length without dropping keys or idling on short ones
+    partition_len = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * partition_len
     end = tl.minimum(start + partition_len, context_len)
 
@@ -234,7 +237,6 @@ def decode_attention(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_splits is None:
         num_splits = _pick_num_splits(batch * num_kv_heads, max_context_len, block_n, q.device)
-    partition_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
     split = num_splits > 1
     if split:
         partial_out = torch.empty(
@@ -254,7 +256,7 @@ def decode_attention(
     # fmt: off
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, partial_out,
-        partial_lse, scale * _LOG2_E, partition_len, num_splits, *strides, GROUP=group,
+        partial_lse, scale * _LOG2_E, num_splits, *strides, GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, SPLIT=split, num_warps=num_warps,
         num_stages=num_stages,
