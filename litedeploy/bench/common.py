@@ -63,3 +63,17 @@ def write_json(result: dict, path: str | None) -> None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def engine_info(engine) -> dict:
+    """KV cache size, CUDA graph ladder and the bytes a batch-1 decode step must read."""
+    shape = engine.kv_cache.shape
+    graphs = engine.runner.graphs
+    weight_bytes = sum(p.numel() * p.element_size() for name, p in
+                       engine.bundle.model.named_parameters() if "embed_tokens" not in name)
+    return {
+        "kv_cache_tokens": shape.num_tokens, "kv_cache_gib": shape.size_gib,
+        "cuda_graph_batch_sizes": graphs.sizes if graphs is not None else [],
+        "max_batch_size": engine.config.max_batch_size, "session_len": engine.session_len,
+        "weight_bytes_read_per_step": weight_bytes,
+    }

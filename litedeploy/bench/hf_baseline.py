@@ -14,7 +14,9 @@ from litedeploy.bench.common import random_prompts, sync
 from litedeploy.models.decoder import DecoderForCausalLM
 
 
-def hf_twin(model: DecoderForCausalLM):
+def hf_twin(model: DecoderForCausalLM, plain_rope: bool = False):
+    """plain_rope: default RoPE instead of dynamic NTK, which is the same function up to
+    max_position_embeddings but branches on data, which torch.compile(fullgraph) refuses."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     cfg = model.config
@@ -26,7 +28,9 @@ def hf_twin(model: DecoderForCausalLM):
         rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
     )
     rope = {"rope_theta": cfg.rope.theta, "rope_type": cfg.rope.scaling_type or "default"}
-    if cfg.rope.scaling_type:
+    if plain_rope and cfg.rope.scaling_type == "dynamic":
+        rope["rope_type"] = "default"
+    elif cfg.rope.scaling_type:
         rope["factor"] = cfg.rope.factor
     if cfg.rope.scaling_type == "llama3":
         rope.update(low_freq_factor=cfg.rope.low_freq_factor,
@@ -65,30 +69,53 @@ def _unpacked_state(model: DecoderForCausalLM) -> dict[str, torch.Tensor]:
     return state
 
 
+class _TokenClock:
+    """A generate() streamer that only timestamps: put() runs once for the prompt, then once per
+    new token, on the host after the token is known (generate syncs there anyway)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 @torch.inference_mode()
 def run_hf_latency(model: DecoderForCausalLM, batch_size: int, input_len: int, output_len: int,
                    cache_implementation: str | None = None, compile: bool = False,
-                   num_iters: int = 2) -> dict:
-    twin = hf_twin(model)
+                   num_iters: int = 1) -> dict:
+    """Prefill and per-step decode time from one generate() call with the same lengths every time
+    (a static cache sized by another length would recompile)."""
+    twin = hf_twin(model, plain_rope=compile)
     device = next(model.parameters()).device
-    if compile:
-        twin.forward = torch.compile(twin.forward, mode="reduce-overhead", fullgraph=True)
+    # compile: a static cache makes generate() compile the decode step itself (transformers'
+    # auto-compile; wrapping forward in torch.compile "reduce-overhead" here overwrote outputs)
+    twin.generation_config.disable_compile = not compile
     prompts = random_prompts(batch_size, input_len, model.config.vocab_size)
     input_ids = torch.tensor(prompts, device=device)
 
-    def timed(num_new: int) -> float:
+    def timed(num_new: int) -> tuple[float, float]:
+        clock = _TokenClock()
         sync(device)
         start = time.perf_counter()
         twin.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                       max_new_tokens=num_new, min_new_tokens=num_new, do_sample=False,
-                      pad_token_id=0, eos_token_id=None, cache_implementation=cache_implementation)
+                      pad_token_id=0, eos_token_id=None, cache_implementation=cache_implementation,
+                      streamer=clock if batch_size == 1 else None)
         sync(device)
-        return time.perf_counter() - start
+        end = time.perf_counter()
+        if len(clock.times) < 3:  # batched: no streamer; the whole call over the tokens
+            return 0.0, (end - start) / num_new
+        token_times = clock.times[1:]  # [0] is the prompt
+        return token_times[0] - start, (token_times[-1] - token_times[0]) / (len(token_times) - 1)
 
-    timed(4)  # warm-up (and compilation)
-    prefill_s = min(timed(1) for _ in range(num_iters))
-    full_s = min(timed(output_len) for _ in range(num_iters))
-    decode_s = (full_s - prefill_s) / max(output_len - 1, 1)
+    timed(output_len if compile else 4)  # warm-up (and compilation, at the measured shape)
+    runs = [timed(output_len) for _ in range(num_iters)]
+    prefill_s = min(r[0] for r in runs)
+    decode_s = min(r[1] for r in runs)
     return {
         "benchmark": "latency", "engine": "transformers",
         "cache_implementation": cache_implementation or "dynamic", "compiled": compile,

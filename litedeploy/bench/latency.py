@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from litedeploy.bench.common import machine_info, random_prompts, sync
+from litedeploy.bench.common import engine_info, machine_info, random_prompts, sync
 from litedeploy.config import GenerationConfig
 from litedeploy.engine.engine import LLMEngine
 
@@ -32,11 +32,15 @@ def run_latency(engine: LLMEngine, batch_size: int, input_len: int, output_len: 
         prefill_ms.append(1000 * (prefill_done - start))
         decode_ms.append(1000 * (end - prefill_done) / max(num_steps, 1))
     best_decode = min(decode_ms)
+    info = engine_info(engine)
     return {
         "benchmark": "latency", "engine": "litedeploy",
         "batch_size": batch_size, "input_len": input_len, "output_len": output_len,
         "prefill_ms": min(prefill_ms),
         "decode_ms_per_step": best_decode,
         "decode_tokens_per_s": batch_size * 1000 / best_decode,
+        # weights (no embedding table) over the step time: the bound that matters at batch 1
+        "weight_bandwidth_tb_s": info["weight_bytes_read_per_step"] / best_decode / 1e9,
+        "engine_info": info,
         "machine": machine_info(engine.device),
     }

@@ -7,7 +7,13 @@ import time
 
 from tqdm.auto import tqdm
 
-from litedeploy.bench.common import machine_info, output_lens, percentile, random_prompts
+from litedeploy.bench.common import (
+    engine_info,
+    machine_info,
+    output_lens,
+    percentile,
+    random_prompts,
+)
 from litedeploy.config import GenerationConfig
 from litedeploy.engine.engine import LLMEngine
 
@@ -57,5 +63,6 @@ def run_throughput(engine: LLMEngine, num_prompts: int, input_len: int, output_l
         "tpot_p99_ms": 1000 * percentile(tpots, 99),
         "num_preemptions": engine.num_preemptions,
         "prefix_hit_rate": engine.block_manager.stats.hit_rate,
+        "engine_info": engine_info(engine),
         "machine": machine_info(engine.device),
     }

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 
 from litedeploy.cli.args import (
-    HelpFormatter, add_engine_args, add_log_arg, add_model_arg, engine_config_from,
+    HelpFormatter,
+    add_engine_args,
+    add_log_arg,
+    add_model_arg,
+    engine_config_from,
 )
 
 
@@ -72,19 +76,29 @@ def run_latency(args: argparse.Namespace) -> int:
     engine = _engine(args)
     ours = bench(engine, args.batch_size, args.input_len, args.output_len, args.num_iters)
     result = {"model": engine.bundle.name, "dtype": str(engine.bundle.dtype), "litedeploy": ours}
+    write_json(result, args.output_json)  # ours are saved even if a baseline fails below
     if args.compare_hf:
-        from litedeploy.bench.hf_baseline import run_hf_latency
-
-        model = engine.bundle.model
-        hf = run_hf_latency(model, args.batch_size, args.input_len, args.output_len)
-        result["transformers"] = hf
-        result["decode_speedup_vs_transformers"] = (
-            ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"])
-        if args.hf_static_compiled:
-            static = run_hf_latency(model, args.batch_size, args.input_len, args.output_len,
-                                    cache_implementation="static", compile=True)
-            result["transformers_static_compiled"] = static
-            result["decode_speedup_vs_transformers_static_compiled"] = (
-                ours["decode_tokens_per_s"] / static["decode_tokens_per_s"])
+        _compare_hf(args, engine, ours, result)
     write_json(result, args.output_json)
     return 0
+
+
+def _compare_hf(args: argparse.Namespace, engine, ours: dict, result: dict) -> None:
+    from litedeploy.bench.hf_baseline import run_hf_latency
+
+    model = engine.bundle.model
+    hf = run_hf_latency(model, args.batch_size, args.input_len, args.output_len)
+    result["transformers"] = hf
+    result["decode_speedup_vs_transformers"] = (
+        ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"])
+    if not args.hf_static_compiled:
+        return
+    try:
+        static = run_hf_latency(model, args.batch_size, args.input_len, args.output_len,
+                                cache_implementation="static", compile=True)
+    except Exception as exc:  # noqa: BLE001 - a baseline's failure must not lose ours
+        result["transformers_static_compiled_error"] = f"{type(exc).__name__}: {exc}"
+        return
+    result["transformers_static_compiled"] = static
+    result["decode_speedup_vs_transformers_static_compiled"] = (
+        ours["decode_tokens_per_s"] / static["decode_tokens_per_s"])
