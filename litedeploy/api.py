@@ -112,7 +112,7 @@ class Pipeline:
         return session
 
     def close(self) -> None:
-        pass
+        self.engine.close()
 
     def __enter__(self) -> Pipeline:
         return self

@@ -189,8 +189,8 @@ class EngineConfig:
         if self.quant_policy:
             raise ModelLoadError("KV cache quantization (--quant-policy 4/8) is not available yet; "
                                  "use --quant-policy 0")
-        if self.tp != 1:
-            raise ModelLoadError("tensor parallelism (--tp > 1) is not available yet; use --tp 1")
+        if self.tp < 1:
+            raise ModelLoadError(f"--tp must be >= 1, got {self.tp}")
         if self.model_format not in (None, "hf", "awq", "gguf"):
             raise ModelLoadError(f"unknown --model-format {self.model_format} "
                                  "(supported: hf, awq, gguf)")

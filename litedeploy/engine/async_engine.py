@@ -126,6 +126,7 @@ class AsyncEngine:
         self._stopped.set()
         self._commands.put(_Command("abort", ""))
         self._thread.join(timeout=10)
+        self.engine.close()
 
     # ---- the engine thread -------------------------------------------------------------------
     def _loop(self) -> None:

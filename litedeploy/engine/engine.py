@@ -21,16 +21,17 @@ from litedeploy.engine.sampler import Sampler
 from litedeploy.engine.scheduler import Scheduler
 from litedeploy.engine.sequence import Sequence
 from litedeploy.errors import RequestError
-from litedeploy.model_bundle import ModelBundle, load_bundle
+from litedeploy.model_bundle import ModelBundle, load_bundle, resolve_model_path
 from litedeploy.reference_generation import sampling_row
 
 logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, bundle: ModelBundle, config: EngineConfig):
+    def __init__(self, bundle: ModelBundle, config: EngineConfig, workers=None):
         self.bundle = bundle
         self.config = config
+        self.workers = workers  # a distributed.workers.WorkerGroup under --tp > 1
         self.model_config = bundle.model_config
         self.tokenizer = bundle.tokenizer
         self.device = bundle.device
@@ -50,8 +51,15 @@ class LLMEngine:
             self.block_manager, config.max_batch_size, config.max_prefill_token_num,
             self.session_len,
         )
-        self.runner = ModelRunner(bundle.model, self.kv_cache, self.device, config.max_batch_size,
-                                  self.session_len, config.eager_mode)
+        runner_kwargs = dict(max_batch_size=config.max_batch_size,
+                             max_context_len=self.session_len, eager_mode=config.eager_mode)
+        if workers is not None:  # before rank 0 builds its runner: graph capture is collective
+            workers.call("init_cache", cache_shape, runner_kwargs)
+        self.runner = ModelRunner(bundle.model, self.kv_cache, self.device, **runner_kwargs)
+        if workers is not None:
+            from litedeploy.distributed.tp_runner import TPModelRunner
+
+            self.runner = TPModelRunner(self.runner, workers)
         self.sampler = Sampler(self.device)
         self._seq_ids = itertools.count()
         self._requests: dict[str, Sequence] = {}
@@ -63,7 +71,23 @@ class LLMEngine:
                         config: EngineConfig | None = None) -> LLMEngine:
         config = config or EngineConfig()
         config.validate()
-        return cls(load_bundle(model_path, config), config)
+        if config.tp == 1:
+            return cls(load_bundle(model_path, config), config)
+        from litedeploy.distributed.workers import start_workers
+
+        model_path = resolve_model_path(model_path)
+        workers, rank0_config = start_workers(model_path, config)
+        try:
+            return cls(load_bundle(model_path, rank0_config), config, workers)
+        except BaseException:
+            workers.close()
+            raise
+
+    def close(self) -> None:
+        """Stop tensor-parallel workers, if any (single-process engines hold nothing)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     # ---- requests ----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], gen: GenerationConfig) -> None:

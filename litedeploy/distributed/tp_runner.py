@@ -1,0 +1,26 @@
+"""Rank 0's model runner under tensor parallelism: broadcast the step, then run its own shard."""
+
+from __future__ import annotations
+
+import torch
+
+from litedeploy.distributed.workers import WorkerGroup
+from litedeploy.engine.input_builder import build_host_inputs
+from litedeploy.engine.model_runner import ModelRunner
+from litedeploy.engine.scheduler import SchedulerOutput
+
+
+class TPModelRunner:
+    def __init__(self, runner: ModelRunner, workers: WorkerGroup):
+        self.runner = runner
+        self.workers = workers
+
+    @property
+    def kv_cache(self):
+        return self.runner.kv_cache
+
+    @torch.inference_mode()
+    def run(self, batch: SchedulerOutput) -> torch.Tensor:
+        host = build_host_inputs(batch, self.runner.block_size)
+        self.workers.call("run_host", host)  # every rank runs the same step on its shard
+        return self.runner.run_host(host)

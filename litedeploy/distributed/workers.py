@@ -1,0 +1,161 @@
+"""Tensor-parallel workers: rank 0 runs the scheduler and broadcasts every step; ranks 1..N-1
+run the same forward on their shard of the model and KV cache.
+
+Control messages (`call(method, *args)`) go over a gloo group even on GPUs, so that pickled step
+inputs never touch NCCL; the forward's collectives run on the main group (NCCL or gloo).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from litedeploy.config import EngineConfig
+from litedeploy.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from litedeploy.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_device(config: EngineConfig, rank: int) -> str:
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return f"cuda:{rank}"
+
+
+def check_tp(config: EngineConfig) -> None:
+    if config.tp < 1:
+        raise ModelLoadError(f"--tp must be >= 1, got {config.tp}")
+    device = rank_device(config, 0)
+    if device != "cpu" and config.tp > torch.cuda.device_count():
+        raise ModelLoadError(
+            f"--tp {config.tp} needs {config.tp} GPUs, but {torch.cuda.device_count()} are "
+            "visible; use a smaller --tp or --device cpu")
+
+
+def start_workers(model_path: str, config: EngineConfig) -> tuple["WorkerGroup", EngineConfig]:
+    """Check the split first (so a bad --tp is one clear error, not N crashed processes), then
+    spawn ranks 1..N-1 and join the group as rank 0. Returns rank 0's engine config."""
+    from litedeploy.config import ModelConfig
+    from litedeploy.loader.model_loader import open_source
+
+    check_tp(config)
+    ModelConfig.from_hf(open_source(model_path).hf_config).shard(config.tp)
+    workers = WorkerGroup(model_path, config)
+    return workers, replace(config, device=rank_device(config, 0))
+
+
+class WorkerGroup:
+    """Rank 0's handle on the worker processes."""
+
+    def __init__(self, model_path: str, config: EngineConfig):
+        check_tp(config)
+        self.world_size = config.tp
+        addr, port = "127.0.0.1", _free_port()
+        backend = "gloo" if rank_device(config, 0) == "cpu" else "nccl"
+        context = mp.get_context("spawn")
+        self.processes = [
+            context.Process(target=_worker_main, daemon=True, name=f"litedeploy-tp{rank}",
+                            args=(rank, self.world_size, addr, port, backend, model_path, config))
+            for rank in range(1, self.world_size)
+        ]
+        for process in self.processes:
+            process.start()
+        self._closing = False
+        atexit.register(self.close)
+        threading.Thread(target=self._watch, name="litedeploy-tp-watchdog", daemon=True).start()
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        init_tensor_parallel(0, self.world_size, addr, port, backend)
+        self.control = dist.new_group(backend="gloo")
+
+    def call(self, method: str, *args) -> None:
+        """Every worker runs `method(*args)` (see `_Worker`); rank 0 then does its own part."""
+        dist.broadcast_object_list([(method, args)], src=0, group=self.control)
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            self.call("stop")
+        except Exception:  # noqa: BLE001 - workers may be gone already
+            pass
+        for process in self.processes:
+            process.join(timeout=10)
+        destroy_tensor_parallel()
+
+    def _watch(self) -> None:
+        # A dead worker would leave rank 0 blocked in a collective: fail loudly instead.
+        while not self._closing:
+            for process in self.processes:
+                if process.exitcode is not None and not self._closing:
+                    print(f"litedeploy: error: tensor-parallel worker {process.name} died "
+                          f"(exit code {process.exitcode}); shutting down", file=sys.stderr,
+                          flush=True)
+                    os._exit(1)
+            time.sleep(0.2)
+
+
+class _Worker:
+    """What a rank > 0 holds: its model shard, KV cache share and model runner."""
+
+    def __init__(self, model_path: str, config: EngineConfig, device: str):
+        from litedeploy.loader.model_loader import load_model, open_source
+
+        self.config = replace(config, device=device)
+        self.model, _ = load_model(open_source(model_path), self.config.dtype, device,
+                                   self.config.load_format, self.config.model_format)
+        self.runner = None
+
+    def init_cache(self, shape, runner_kwargs: dict) -> None:
+        from litedeploy.engine.kv_cache import KVCache
+        from litedeploy.engine.model_runner import ModelRunner
+
+        device = next(self.model.parameters()).device
+        self.runner = ModelRunner(self.model, KVCache(shape, device), device, **runner_kwargs)
+
+    def run_host(self, host) -> None:
+        self.runner.run_host(host)
+
+
+def _worker_main(rank: int, world_size: int, addr: str, port: int, backend: str,
+                 model_path: str, config: EngineConfig) -> None:
+    try:
+        logging.basicConfig(level=logging.WARNING)
+        device = rank_device(config, rank)
+        if device != "cpu":
+            torch.cuda.set_device(rank)
+        init_tensor_parallel(rank, world_size, addr, port, backend)
+        control = dist.new_group(backend="gloo")
+        worker = _Worker(model_path, config, device)
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=control)
+            method, args = message[0]
+            if method == "stop":
+                break
+            with torch.inference_mode():
+                getattr(worker, method)(*args)
+        destroy_tensor_parallel()
+    except Exception:  # noqa: BLE001 - report, then exit non-zero so rank 0's watchdog sees it
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
