@@ -86,7 +86,8 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     block_k = min(block_k, group_size)  # one group per K tile keeps the scale loads simple
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n_dim, block_n))
     _awq_gemm_kernel[grid](x, qweight, scales, zeros, out, num_rows, n_dim, k_dim, group_size,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                           num_warps=4, num_stages=2)  # fits consumer GPUs' shared memory
     return out
 
 
@@ -101,5 +102,6 @@ def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
     block_m, block_n, block_k = _blocks(num_rows)
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n_dim, block_n))
     _int8_gemm_kernel[grid](x, weight, scales, out, num_rows, n_dim, k_dim,
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                           num_warps=4, num_stages=2)  # fits consumer GPUs' shared memory
     return out
