@@ -42,6 +42,10 @@ def add_parser(subparsers) -> None:
                          help="with --compare-hf: also transformers' static cache, compiled")
     latency.set_defaults(run=run_latency)
 
+    from litedeploy.cli.bench_serving import add_serving_parser
+
+    add_serving_parser(kinds)  # load generator against a running api_server
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     add_model_arg(parser)
