@@ -32,18 +32,26 @@ def _pick(x: torch.Tensor, module_name: str, fn_name: str):
     return getattr(reference, fn_name)
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    _pick(k, "triton_store_kv", "store_kv")(k, v, k_cache, v_cache, slot_mapping)
+def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales_zeros=None, v_scales_zeros=None,
+             quant_bits=0) -> None:
+    """quant_bits 4/8: quantize per token and KV head on the way in (see kv_quant.py)."""
+    if not quant_bits:  # the float path, exactly as before
+        _pick(k, "triton_store_kv", "store_kv")(k, v, k_cache, v_cache, slot_mapping)
+        return
+    _pick(k, "triton_store_kv", "store_kv")(k, v, k_cache, v_cache, slot_mapping,
+                                            k_scales_zeros, v_scales_zeros, quant_bits)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-                    max_q_len, max_context_len, scale, mask=None):
+                    max_q_len, max_context_len, scale, mask=None, k_scales_zeros=None,
+                    v_scales_zeros=None, quant_bits=0):
+    quant = (k_scales_zeros, v_scales_zeros, quant_bits) if quant_bits else ()
     if q.is_cuda and _triton_module("triton_attention") is not None:
         return _triton_module("triton_attention").paged_attention(
             q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-            max_q_len, max_context_len, scale)
+            max_q_len, max_context_len, scale, None, *quant)
     return reference.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                     cu_seqlens_q, max_q_len, max_context_len, scale, mask)
+                                     cu_seqlens_q, max_q_len, max_context_len, scale, mask, *quant)
 
 
 def rms_norm(x, weight, eps, residual=None):

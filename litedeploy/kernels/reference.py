@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from litedeploy.kernels import kv_quant
+
 
 def store_kv(
     k: torch.Tensor,
@@ -22,14 +24,22 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scales_zeros: torch.Tensor | None = None,
+    v_scales_zeros: torch.Tensor | None = None,
+    quant_bits: int = 0,
 ) -> None:
-    block_size = k_cache.shape[1]
+    """With quant_bits 4/8 the caches hold codes and `*_scales_zeros` [blocks, block_size,
+    kv_heads, 2] the (scale, zero) of each slot and head (see kv_quant.py)."""
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
     flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, kv_heads, head_dim]
     flat_v = v_cache.view(-1, *v_cache.shape[2:])
-    del block_size
+    if quant_bits:
+        k, k_sz = kv_quant.quantize(k, quant_bits)
+        v, v_sz = kv_quant.quantize(v, quant_bits)
+        k_scales_zeros.view(-1, *k_scales_zeros.shape[2:]).index_copy_(0, slot_mapping, k_sz)
+        v_scales_zeros.view(-1, *v_scales_zeros.shape[2:]).index_copy_(0, slot_mapping, v_sz)
     flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
     flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
 
@@ -66,11 +76,14 @@ def paged_attention(
     max_context_len: int,
     scale: float,
     mask: torch.Tensor | None = None,
+    k_scales_zeros: torch.Tensor | None = None,
+    v_scales_zeros: torch.Tensor | None = None,
+    quant_bits: int = 0,
 ) -> torch.Tensor:
     """Attention of each query token over its sequence's paged K/V (mixed prefill + decode).
 
     Returns [num_tokens, num_heads, head_dim]. `mask` may be passed precomputed (it is the same for
-    every layer of a step).
+    every layer of a step). With quant_bits 4/8 the gathered blocks are dequantized first.
     """
     num_tokens, num_heads, head_dim = q.shape
     batch = block_tables.shape[0]
@@ -79,8 +92,11 @@ def paged_attention(
     tables = block_tables[:, :num_blocks_needed].reshape(-1).long()
     # gather each sequence's blocks (index_select: no parallel region for small gathers, which
     # matters on a busy 2-core CPU) -> [batch, context, kv_heads, D]
-    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim)
-    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim)
+    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, k_cache.shape[-1])
+    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, v_cache.shape[-1])
+    if quant_bits:
+        keys = _gather_dequantize(keys, k_scales_zeros, tables, quant_bits, q.dtype)
+        values = _gather_dequantize(values, v_scales_zeros, tables, quant_bits, q.dtype)
     keys, values = keys[:, :max_context_len], values[:, :max_context_len]
     # slots past a sequence's context hold whatever the cache had (possibly NaN bits): zero them,
     # as the GPU kernels do by never loading them, so masked scores stay exactly zero
@@ -106,6 +122,16 @@ def paged_attention(
         enable_gqa=num_heads != num_kv_heads,
     ).transpose(1, 2)  # [batch, max_q_len, heads, D]
     return out[token_seq, token_pos]
+
+
+def _gather_dequantize(
+    codes: torch.Tensor, scales_zeros: torch.Tensor, tables: torch.Tensor, quant_bits: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """codes [B, L, KVH, packed] of the gathered blocks -> values [B, L, KVH, head_dim]."""
+    batch, length, num_kv_heads = codes.shape[:3]
+    gathered = scales_zeros.index_select(0, tables).view(batch, length, num_kv_heads, 2)
+    return kv_quant.dequantize(codes, gathered, quant_bits, dtype)
 
 
 def _decode_attention(
