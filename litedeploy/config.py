@@ -186,9 +186,6 @@ class EngineConfig:
         """Refuse settings this version cannot honour, instead of silently ignoring them."""
         if self.quant_policy not in (0, 4, 8):
             raise ModelLoadError(f"--quant-policy must be 0, 4 or 8, got {self.quant_policy}")
-        if self.quant_policy:
-            raise ModelLoadError("KV cache quantization (--quant-policy 4/8) is not available yet; "
-                                 "use --quant-policy 0")
         if self.tp < 1:
             raise ModelLoadError(f"--tp must be >= 1, got {self.tp}")
         if self.model_format not in (None, "hf", "awq", "gguf"):

@@ -39,27 +39,32 @@ class PagedKVBackend:
         self.scale = scale
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        step = self.inputs
-        k_cache = self.kv_cache.k_caches[layer_idx]
-        v_cache = self.kv_cache.v_caches[layer_idx]
-        kernels.store_kv(k, v, k_cache, v_cache, step.slot_mapping)
+        step, cache = self.inputs, self.kv_cache
+        k_cache = cache.k_caches[layer_idx]
+        v_cache = cache.v_caches[layer_idx]
+        # quantized caches: (k scales/zeros, v scales/zeros, bits) ride along; float: nothing
+        quant = ((cache.k_scales_zeros[layer_idx], cache.v_scales_zeros[layer_idx],
+                  cache.quant_bits) if cache.quant_bits else ())
+        kernels.store_kv(k, v, k_cache, v_cache, step.slot_mapping, *quant)
         if step.prefill_cu_seqlens_q is not None:
-            return self._attend_split(q, k_cache, v_cache)
+            return self._attend_split(q, k_cache, v_cache, quant)
         return kernels.paged_attention(
             q, k_cache, v_cache, step.block_tables, step.context_lens, step.cu_seqlens_q,
-            step.max_q_len, step.max_context_len, self.scale, step.mask,
+            step.max_q_len, step.max_context_len, self.scale, step.mask, *quant,
         )
 
-    def _attend_split(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    def _attend_split(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      quant: tuple):
         """Decode rows through the GQA-packed split-K decode kernel, prefill rows through the
         prefill kernel: in one prefill launch a decode row would fill 1 of 64 query slots."""
         step, n = self.inputs, self.inputs.num_decode_rows
         decoded = kernels.paged_attention(
             q[:n], k_cache, v_cache, step.block_tables[:n], step.context_lens[:n],
-            step.cu_seqlens_q[: n + 1], 1, step.decode_max_context_len, self.scale,
+            step.cu_seqlens_q[: n + 1], 1, step.decode_max_context_len, self.scale, None, *quant,
         )
         prefilled = kernels.paged_attention(
             q[n:], k_cache, v_cache, step.block_tables[n:], step.context_lens[n:],
-            step.prefill_cu_seqlens_q, step.max_q_len, step.max_context_len, self.scale,
+            step.prefill_cu_seqlens_q, step.max_q_len, step.max_context_len, self.scale, None,
+            *quant,
         )
         return torch.cat([decoded, prefilled])

@@ -1,5 +1,11 @@
 """The paged K/V memory: one [num_blocks, block_size, kv_heads, head_dim] pair per layer.
 
+With `quant_policy` 8 or 4 (lmdeploy's KV int8 / int4) the pair holds uint8 codes (int4: two per
+byte, last dim head_dim / 2) plus one float32 (scale, zero) pair per slot and KV head
+[num_blocks, block_size, kv_heads, 2] for K and for V, allocated once (CUDA graphs capture their
+addresses). The token budget counts those bytes, so the same memory holds ~2x (int8) / ~3.5x
+(int4) the tokens of a bfloat16 cache.
+
 Its size follows lmdeploy's `cache_max_entry_count`: on GPU the fraction of free memory after the
 weights are loaded and a warm-up forward has reserved its activations (model_runner.warm_up_model);
 on CPU the fraction of available RAM. `max_cache_tokens` overrides both.
@@ -7,14 +13,18 @@ on CPU the fraction of available RAM. `max_cache_tokens` overrides both.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from litedeploy.config import CacheConfig, ModelConfig
+from litedeploy.kernels.kv_quant import check_quant_bits, packed_head_dim
 
 logger = logging.getLogger(__name__)
+
+SCALE_ZERO_BYTES = 4  # float32 scale and zero (see kernels/kv_quant.py)
 
 
 @dataclass(frozen=True)
@@ -24,12 +34,24 @@ class CacheShape:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's dtype: what attention computes in
+    quant_policy: int = 0  # 0 = float cache, 8 = int8 codes, 4 = int4 codes
 
     @property
     def bytes_per_token(self) -> int:
-        element = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+        return 2 * self.num_layers * self.num_kv_heads * self.bytes_per_head_slot
+
+    @property
+    def bytes_per_head_slot(self) -> int:
+        """Bytes of one K (or V) vector of one head: codes plus its float32 scale and zero."""
+        if not self.quant_policy:
+            return self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+        return packed_head_dim(self.head_dim, self.quant_policy) + 2 * SCALE_ZERO_BYTES
+
+    @property
+    def float_bytes_per_token(self) -> int:
+        """What the same cache would take unquantized (for the start-up line)."""
+        return dataclasses.replace(self, quant_policy=0).bytes_per_token
 
     @property
     def num_tokens(self) -> int:
@@ -59,31 +81,50 @@ def plan_cache(
     device: torch.device, max_useful_tokens: int,
 ) -> CacheShape:
     """Number of blocks from the memory budget, capped at what the engine could ever use."""
+    check_quant_bits(cache_config.quant_policy)
     shape = CacheShape(0, cache_config.block_size, model_config.num_layers,
-                       model_config.num_kv_heads, model_config.head_dim, dtype)
+                       model_config.num_kv_heads, model_config.head_dim, dtype,
+                       cache_config.quant_policy)
     if cache_config.max_cache_tokens:
         num_tokens = cache_config.max_cache_tokens
     else:
         free_bytes = available_memory_bytes(device)
         budget = free_bytes * cache_config.cache_max_entry_count
         num_tokens = min(int(budget // shape.bytes_per_token), max_useful_tokens)
-        logger.info("KV cache budget: %.2f of %.2f GiB free -> %d tokens (%d bytes/token)",
+        logger.info("KV cache budget: %.2f of %.2f GiB free -> %d tokens (%d bytes/token%s)",
                     cache_config.cache_max_entry_count, free_bytes / 2**30, num_tokens,
-                    shape.bytes_per_token)
+                    shape.bytes_per_token, _quant_note(shape))
     num_blocks = max(1, num_tokens // cache_config.block_size)
-    return CacheShape(num_blocks, cache_config.block_size, model_config.num_layers,
-                      model_config.num_kv_heads, model_config.head_dim, dtype)
+    return dataclasses.replace(shape, num_blocks=num_blocks)
+
+
+def _quant_note(shape: CacheShape) -> str:
+    if not shape.quant_policy:
+        return ""
+    gain = shape.float_bytes_per_token / shape.bytes_per_token
+    return (f", KV int{shape.quant_policy}: {gain:.2f}x the tokens of "
+            f"{str(shape.dtype).removeprefix('torch.')}")
 
 
 class KVCache:
     def __init__(self, shape: CacheShape, device: torch.device, quiet: bool = False):
         self.shape = shape
-        per_layer = (shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
+        self.quant_bits = shape.quant_policy
+        last_dim = packed_head_dim(shape.head_dim, shape.quant_policy)
+        per_layer = (shape.num_blocks, shape.block_size, shape.num_kv_heads, last_dim)
+        dtype = torch.uint8 if shape.quant_policy else shape.dtype
         # empty, not zeros: pages of a CPU cache are only touched when used
-        self.k_caches = [torch.empty(per_layer, dtype=shape.dtype, device=device)
+        self.k_caches = [torch.empty(per_layer, dtype=dtype, device=device)
                          for _ in range(shape.num_layers)]
-        self.v_caches = [torch.empty(per_layer, dtype=shape.dtype, device=device)
+        self.v_caches = [torch.empty(per_layer, dtype=dtype, device=device)
                          for _ in range(shape.num_layers)]
+        # (scale, zero) per slot and head; empty lists for a float cache
+        scales_shape = (*per_layer[:3], 2)
+        num_scaled = shape.num_layers if shape.quant_policy else 0
+        self.k_scales_zeros = [torch.empty(scales_shape, dtype=torch.float32, device=device)
+                               for _ in range(num_scaled)]
+        self.v_scales_zeros = [torch.empty(scales_shape, dtype=torch.float32, device=device)
+                               for _ in range(num_scaled)]
         if not quiet:
-            logger.info("KV cache: %d blocks x %d = %d tokens, %.2f GiB", shape.num_blocks,
-                        shape.block_size, shape.num_tokens, shape.size_gib)
+            logger.info("KV cache: %d blocks x %d = %d tokens, %.2f GiB%s", shape.num_blocks,
+                        shape.block_size, shape.num_tokens, shape.size_gib, _quant_note(shape))

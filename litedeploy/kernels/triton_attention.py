@@ -16,14 +16,33 @@ import triton.language as tl
 _LOG2_E = 1.4426950408889634
 
 
+@triton.jit
+def _load_dequantized(cache_head_ptr, sz_head_ptr, slots, dims, key_mask, kv_mask,
+                      stride_cache_slot, stride_sz_slot, QUANT_BITS: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] float32 K or V of `slots` from uint8 codes (int4: two per byte, low
+    nibble first) and the per-slot scale and zero; masked keys and dims come out as 0."""
+    rows = slots[:, None] * stride_cache_slot
+    if QUANT_BITS == 4:
+        packed = tl.load(cache_head_ptr + rows + dims[None, :] // 2, mask=kv_mask, other=0)
+        codes = (packed.to(tl.int32) >> ((dims[None, :] % 2) * 4)) & 0xF
+    else:
+        codes = tl.load(cache_head_ptr + rows + dims[None, :], mask=kv_mask, other=0).to(tl.int32)
+    scale = tl.load(sz_head_ptr + slots * stride_sz_slot, mask=key_mask, other=0.0)
+    zero = tl.load(sz_head_ptr + slots * stride_sz_slot + 1, mask=key_mask, other=0.0)
+    values = codes.to(tl.float32) * scale[:, None] + zero[:, None]
+    return tl.where(kv_mask, values, 0.0)
+
+
 # fmt: off
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, out_ptr,
     partial_out_ptr, partial_lse_ptr, qk_scale_log2, num_splits, stride_q_token,
     stride_q_head, stride_cache_slot, stride_table_row, stride_o_token, stride_o_head,
+    k_sz_ptr, v_sz_ptr, stride_sz_slot,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+    CACHE_HEAD_DIM: tl.constexpr, QUANT_BITS: tl.constexpr,
 ):
     # fmt: on
     """One program: every query head of one KV head of one sequence, over one context partition."""
@@ -49,8 +68,10 @@ def _decode_kernel(
     q = tl.load(q_ptr + q_rows + dims[None, :], mask=q_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_row
     # K and V caches share one contiguous layout: a slot's row of this kv head is one pointer
-    k_head_ptr = k_cache_ptr + kv_head * HEAD_DIM
-    v_head_ptr = v_cache_ptr + kv_head * HEAD_DIM
+    k_head_ptr = k_cache_ptr + kv_head * CACHE_HEAD_DIM
+    v_head_ptr = v_cache_ptr + kv_head * CACHE_HEAD_DIM
+    k_sz_head_ptr = k_sz_ptr + kv_head * 2  # quantized caches: (scale, zero) of each slot
+    v_sz_head_ptr = v_sz_ptr + kv_head * 2
 
     max_score = tl.full([BLOCK_G], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_G], tl.float32)
@@ -63,13 +84,21 @@ def _decode_kernel(
         slots = block_ids.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
         kv_offsets = slots[:, None] * stride_cache_slot + dims[None, :]
         kv_mask = key_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if QUANT_BITS == 0:
+            k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        else:
+            k = _load_dequantized(k_head_ptr, k_sz_head_ptr, slots, dims, key_mask, kv_mask,
+                                  stride_cache_slot, stride_sz_slot, QUANT_BITS)
         scores = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2  # [BLOCK_G, BLOCK_N]
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
         new_max = tl.maximum(max_score, tl.max(scores, axis=1))
         rescale = tl.exp2(max_score - new_max)
         probs = tl.exp2(scores - new_max[:, None])
-        v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        if QUANT_BITS == 0:
+            v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        else:
+            v = _load_dequantized(v_head_ptr, v_sz_head_ptr, slots, dims, key_mask, kv_mask,
+                                  stride_cache_slot, stride_sz_slot, QUANT_BITS)
         denom = denom * rescale + tl.sum(probs, axis=1)
         acc = acc * rescale[:, None] + tl.dot(probs.to(q.dtype), v.to(q.dtype))
         max_score = new_max
@@ -123,8 +152,10 @@ def _reduce_splits_kernel(
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr, out_ptr,
     qk_scale_log2, stride_q_token, stride_q_head, stride_cache_slot, stride_table_row,
-    stride_o_token, stride_o_head, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_o_token, stride_o_head, k_sz_ptr, v_sz_ptr, stride_sz_slot, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CACHE_HEAD_DIM: tl.constexpr,
+    QUANT_BITS: tl.constexpr,
 ):
     # fmt: on
     """One program: BLOCK_M queries of one head of one sequence, over its prefix and chunk."""
@@ -148,8 +179,10 @@ def _prefill_kernel(
     q = tl.load(q_ptr + q_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_table_row
     # K and V caches share one contiguous layout: a slot's row of this kv head is one pointer
-    k_head_ptr = k_cache_ptr + kv_head * HEAD_DIM
-    v_head_ptr = v_cache_ptr + kv_head * HEAD_DIM
+    k_head_ptr = k_cache_ptr + kv_head * CACHE_HEAD_DIM
+    v_head_ptr = v_cache_ptr + kv_head * CACHE_HEAD_DIM
+    k_sz_head_ptr = k_sz_ptr + kv_head * 2  # quantized caches: (scale, zero) of each slot
+    v_sz_head_ptr = v_sz_ptr + kv_head * 2
 
     max_score = tl.full([BLOCK_M], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_M], tl.float32)
@@ -164,7 +197,11 @@ def _prefill_kernel(
         slots = block_ids.to(tl.int64) * BLOCK_SIZE + keys % BLOCK_SIZE
         kv_offsets = slots[:, None] * stride_cache_slot + dims[None, :]
         kv_mask = key_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if QUANT_BITS == 0:
+            k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        else:
+            k = _load_dequantized(k_head_ptr, k_sz_head_ptr, slots, dims, key_mask, kv_mask,
+                                  stride_cache_slot, stride_sz_slot, QUANT_BITS)
         scores = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
         visible = key_mask[None, :] & (keys[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
@@ -173,7 +210,11 @@ def _prefill_kernel(
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         rescale = tl.exp2(max_score - safe_max)
         probs = tl.exp2(scores - safe_max[:, None])
-        v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        if QUANT_BITS == 0:
+            v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        else:
+            v = _load_dequantized(v_head_ptr, v_sz_head_ptr, slots, dims, key_mask, kv_mask,
+                                  stride_cache_slot, stride_sz_slot, QUANT_BITS)
         denom = denom * rescale + tl.sum(probs, axis=1)
         acc = acc * rescale[:, None] + tl.dot(probs.to(q.dtype), v.to(q.dtype))
         max_score = new_max
@@ -196,16 +237,22 @@ def paged_attention(
     max_context_len: int,
     scale: float,
     mask: torch.Tensor | None = None,
+    k_scales_zeros: torch.Tensor | None = None,
+    v_scales_zeros: torch.Tensor | None = None,
+    quant_bits: int = 0,
 ) -> torch.Tensor:
     """Same contract as `reference.paged_attention`; `mask` is accepted and ignored (the kernels
     build the standard causal-over-prefix mask themselves). Dispatches on max_q_len == 1."""
     del mask
+    quant = {"k_scales_zeros": k_scales_zeros, "v_scales_zeros": v_scales_zeros,
+               "quant_bits": quant_bits}
     if max_q_len == 1:
         return decode_attention(
-            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_context_len, scale
+            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_context_len, scale,
+            **quant,
         )
     return prefill_attention(
-        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_q_len, scale
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, max_q_len, scale, **quant
     )
 
 
@@ -222,6 +269,9 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scales_zeros: torch.Tensor | None = None,
+    v_scales_zeros: torch.Tensor | None = None,
+    quant_bits: int = 0,
 ) -> torch.Tensor:
     """Every sequence has at most one query. Split-K over the context when the grid is small.
 
@@ -256,9 +306,11 @@ def decode_attention(
     # fmt: off
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, partial_out,
-        partial_lse, scale * _LOG2_E, num_splits, *strides, GROUP=group,
+        partial_lse, scale * _LOG2_E, num_splits, *strides,
+        *_quant_args(k_cache, k_scales_zeros, v_scales_zeros, quant_bits), GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, SPLIT=split, num_warps=num_warps,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, SPLIT=split,
+        CACHE_HEAD_DIM=k_cache.shape[-1], QUANT_BITS=quant_bits, num_warps=num_warps,
         num_stages=num_stages,
     )
     # fmt: on
@@ -286,6 +338,9 @@ def prefill_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scales_zeros: torch.Tensor | None = None,
+    v_scales_zeros: torch.Tensor | None = None,
+    quant_bits: int = 0,
 ) -> torch.Tensor:
     """Variable-length chunks attending to their cached prefix, causal inside the chunk."""
     q = _last_dim_contiguous(q)
@@ -303,12 +358,24 @@ def prefill_attention(
     # fmt: off
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, scale * _LOG2_E,
-        *strides, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        *strides, *_quant_args(k_cache, k_scales_zeros, v_scales_zeros, quant_bits),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n,
+        CACHE_HEAD_DIM=k_cache.shape[-1], QUANT_BITS=quant_bits, num_warps=num_warps,
         num_stages=num_stages,
     )
     # fmt: on
     return out
+
+
+def _quant_args(k_cache, k_scales_zeros, v_scales_zeros, quant_bits) -> tuple:
+    """(k scales/zeros, v scales/zeros, their slot stride); a float cache passes itself as the
+    unused pointers (the QUANT_BITS == 0 kernels never read them)."""
+    if not quant_bits:
+        return k_cache, k_cache, 0
+    assert k_scales_zeros.is_contiguous() and v_scales_zeros.is_contiguous()
+    assert k_scales_zeros.shape == v_scales_zeros.shape == (*k_cache.shape[:3], 2)
+    return k_scales_zeros, v_scales_zeros, k_scales_zeros.stride(1)
 
 
 def _cache_slot_stride(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:

@@ -83,16 +83,16 @@ def _case(seqs, num_heads, num_kv_heads, head_dim, block_size, dtype, device, pa
     cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(q_lens, 0)
     total = len(slots)
-    return dict(
-        q=torch.randn(int(q_lens.sum()), num_heads, head_dim, dtype=dtype, device=device),
-        k=torch.randn(total, num_kv_heads, head_dim, dtype=dtype, device=device),
-        v=torch.randn(total, num_kv_heads, head_dim, dtype=dtype, device=device),
-        slots=torch.tensor(slots, dtype=torch.int64, device=device),
-        tables=tables.to(device), context_lens=torch.tensor(context_lens, dtype=torch.int32,
-                                                            device=device),
-        cu=cu.to(device), max_q_len=int(q_lens.max()), max_ctx=max(context_lens),
-        cache_shape=(num_blocks, block_size, num_kv_heads, head_dim),
-    )
+    return {
+        "q": torch.randn(int(q_lens.sum()), num_heads, head_dim, dtype=dtype, device=device),
+        "k": torch.randn(total, num_kv_heads, head_dim, dtype=dtype, device=device),
+        "v": torch.randn(total, num_kv_heads, head_dim, dtype=dtype, device=device),
+        "slots": torch.tensor(slots, dtype=torch.int64, device=device),
+        "tables": tables.to(device),
+        "context_lens": torch.tensor(context_lens, dtype=torch.int32, device=device),
+        "cu": cu.to(device), "max_q_len": int(q_lens.max()), "max_ctx": max(context_lens),
+        "cache_shape": (num_blocks, block_size, num_kv_heads, head_dim),
+    }
 
 
 def _attend(case, bits, store, attention):
@@ -147,10 +147,11 @@ def test_padding_rows_write_nothing(bits) -> None:
         case, bits, reference.store_kv, reference.paged_attention)
     written = torch.zeros(k_sz.shape[0] * k_sz.shape[1], dtype=torch.bool)
     written[case["slots"][case["slots"] >= 0]] = True
-    flat_sz = k_sz.view(-1, *k_sz.shape[2:])
-    assert not torch.isnan(flat_sz[written]).any()
-    assert torch.isnan(flat_sz[~written]).all()  # nothing else touched, padding included
-    assert bool((k_cache.view(-1, *k_cache.shape[2:])[~written] == 255).all())
+    for cache, scales_zeros in ((k_cache, k_sz), (v_cache, v_sz)):
+        flat_sz = scales_zeros.view(-1, *scales_zeros.shape[2:])
+        assert not torch.isnan(flat_sz[written]).any()
+        assert torch.isnan(flat_sz[~written]).all()  # nothing else touched, padding included
+        assert bool((cache.view(-1, *cache.shape[2:])[~written] == 255).all())
 
 
 def test_dispatch_leaves_the_float_path_alone() -> None:
