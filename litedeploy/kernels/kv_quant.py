@@ -1,7 +1,8 @@
 """Online K/V quantization of the torch twin (lmdeploy's `--quant-policy 4/8`).
 
 Each new K or V vector of one token and one KV head (head_dim values) gets its own asymmetric
-scale and zero point: zero = min, scale = (max - min) / (2^bits - 1), q = round((x - zero) / scale).
+scale and zero point: zero = min, scale = (max - min) / (2^bits - 1), q = floor((x - zero) / scale + 0.5)
+(round half up, as the Triton store kernel does).
 Dequantization is q * scale + zero, so the error of any element is at most scale / 2.
 
 Storage, per layer (shapes the Triton kernels share):
@@ -42,7 +43,7 @@ def quantize(x: torch.Tensor, quant_bits: int) -> tuple[torch.Tensor, torch.Tens
     high = x32.amax(dim=-1, keepdim=True)
     max_code = 2**quant_bits - 1
     scale = ((high - low) / max_code).clamp_min(_MIN_SCALE)
-    codes = ((x32 - low) / scale).round_().clamp_(0, max_code).to(torch.uint8)
+    codes = ((x32 - low) / scale + 0.5).floor_().clamp_(0, max_code).to(torch.uint8)
     if quant_bits == 4:
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
     return codes, torch.cat((scale, low), dim=-1)

@@ -168,7 +168,8 @@ def test_dispatch_leaves_the_float_path_alone() -> None:
 @pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (4, 128, 64), (2, 32, 4)])
 def test_triton_quantized_matches_twin(bits, seqs, group, head_dim, block_size) -> None:
     case = _case(seqs, 2 * group, 2, head_dim, block_size, torch.bfloat16, "cuda", pad_rows=2)
-    out, (k_cache, _, k_sz, _, _) = _attend(case, bits, kernels.store_kv, kernels.paged_attention)
+    out, caches = _attend(case, bits, kernels.store_kv, kernels.paged_attention)
+    k_cache, k_sz = caches[0], caches[2]
     ref, (ref_k_cache, _, ref_k_sz, _, _) = _attend(
         case, bits, reference.store_kv, reference.paged_attention)
     written = case["slots"][case["slots"] >= 0]
@@ -181,4 +182,11 @@ def test_triton_quantized_matches_twin(bits, seqs, group, head_dim, block_size) 
     # a code may differ by one where x sits on a rounding boundary
     assert bool(((values - ref_values).abs() <= ref_k_sz.view(-1, 2, 2)[written][..., :1]
                  * 1.001 + 1e-6).all())
-    assert _rel_err(out, ref) < 2e-2
+    # attention alone: the twin over the very caches the Triton store wrote (bf16 tolerance)
+    same_cache = reference.paged_attention(
+        case["q"], *caches[:2], case["tables"], case["context_lens"], case["cu"],
+        case["max_q_len"], case["max_ctx"], head_dim**-0.5, None, *caches[2:])
+    assert _rel_err(out, same_cache) < 2e-2
+    # end to end: an int4 code that rounds the other way moves a value by a whole step (H100 run:
+    # 2.9e-2 for int4 at context 300 before the twin rounded half up like the kernel)
+    assert _rel_err(out, ref) < {8: 2e-2, 4: 5e-2}[bits]
