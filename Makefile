@@ -11,7 +11,7 @@ TEST_STAMP := $(VENV)/.installed-test
 # Install, then print a story from the embedded default model (SmolLM2-135M-Instruct).
 run: $(STAMP)
 	printf 'Tell me a short story about a robot who learns to paint.\n' | \
-		$(VENV)/bin/litedeploy chat --max-new-tokens 256
+		$(VENV)/bin/litedeploy chat --max-new-tokens 300 --repetition-penalty 1.1
 
 # The interactive terminal chat on the embedded default model.
 chat: $(STAMP)
