@@ -18,7 +18,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -38,20 +38,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="weights and activations dtype; auto = the checkpoint's on GPU, "
                             "float32 on CPU")
     group.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    group.add_argument("--session-len", type=_positive_int, default=None,
+    group.add_argument("--session-len", type=positive_int, default=None,
                        help="max tokens of one conversation (default: the model's context length)")
-    group.add_argument("--max-batch-size", type=_positive_int, default=128,
+    group.add_argument("--max-batch-size", type=positive_int, default=128,
                        help="max sequences in one step")
     group.add_argument("--cache-max-entry-count", type=_fraction, default=0.8,
                        help="KV cache size as a fraction of free GPU memory after weights "
                             "(of available RAM on CPU)")
-    group.add_argument("--cache-max-tokens", type=_positive_int, default=None,
+    group.add_argument("--cache-max-tokens", type=positive_int, default=None,
                        help="KV cache size in tokens (overrides --cache-max-entry-count)")
-    group.add_argument("--cache-block-seq-len", type=_positive_int, default=64,
+    group.add_argument("--cache-block-seq-len", type=positive_int, default=64,
                        help="tokens per KV cache block")
     group.add_argument("--enable-prefix-caching", action="store_true",
                        help="reuse the KV cache of shared prompt prefixes")
-    group.add_argument("--max-prefill-token-num", type=_positive_int, default=8192,
+    group.add_argument("--max-prefill-token-num", type=positive_int, default=8192,
                        help="token budget of one step (longer prompts are prefilled in chunks)")
     group.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8],
                        help="KV cache quantization (0 = off)")
@@ -59,7 +59,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="checkpoint format (default: detected)")
     group.add_argument("--chat-template", default=None,
                        help="built-in template name, or a .jinja / .json file")
-    group.add_argument("--tp", type=_positive_int, default=1, help="tensor parallel size")
+    group.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size")
     group.add_argument("--eager-mode", action="store_true", help="disable CUDA graphs")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="dummy = random weights from config.json alone (benchmarks)")
@@ -82,7 +82,7 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
                        help="sample among the k most likely tokens (with --do-sample)")
     group.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty,
                        help="penalty for tokens already seen (1.0 = off)")
-    group.add_argument("--max-new-tokens", type=_positive_int, default=defaults.max_new_tokens,
+    group.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens,
                        help="max tokens of one reply")
     group.add_argument("--do-sample", action="store_true",
                        help="sample with temperature/top-p/top-k (default: greedy, as lmdeploy)")

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 
-from litedeploy.cli.args import HelpFormatter, add_log_arg
+from litedeploy.cli.args import HelpFormatter, add_log_arg, positive_int
 
 
 def _rate(text: str) -> float:
@@ -21,23 +21,16 @@ def _rate(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_serving_parser(kinds) -> None:
     parser = kinds.add_parser("serving", formatter_class=HelpFormatter,
                               help="load a running OpenAI-compatible server (streaming requests)")
     parser.add_argument("--url", default="http://127.0.0.1:23333", help="the server's address")
-    parser.add_argument("--num-prompts", type=_positive_int, default=200)
+    parser.add_argument("--num-prompts", type=positive_int, default=200)
     parser.add_argument("--request-rate", type=_rate, default=math.inf,
                         help="requests per second (Poisson arrivals), or inf = all at once")
-    parser.add_argument("--max-concurrency", type=_positive_int, default=None,
+    parser.add_argument("--max-concurrency", type=positive_int, default=None,
                         help="max requests in flight (default: no limit)")
-    parser.add_argument("--max-tokens", type=_positive_int, default=64,
+    parser.add_argument("--max-tokens", type=positive_int, default=64,
                         help="max_tokens of each request (ignore_eos keeps lengths equal)")
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     parser.add_argument("--model", default=None, help="default: the first of /v1/models")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from litedeploy.cli.args import HelpFormatter, _positive_int
+from litedeploy.cli.args import HelpFormatter, positive_int
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,15 +25,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     awq.add_argument("--calib-dataset", default="builtin",
                      help="calibration text: a UTF-8 text file, or 'builtin' (English prose "
                           "shipped with litedeploy)")
-    awq.add_argument("--calib-samples", type=_positive_int, default=128,
+    awq.add_argument("--calib-samples", type=positive_int, default=128,
                      help="max calibration samples")
-    awq.add_argument("--calib-seqlen", type=_positive_int, default=2048,
+    awq.add_argument("--calib-seqlen", type=positive_int, default=2048,
                      help="tokens per calibration sample")
-    awq.add_argument("--batch-size", type=_positive_int, default=1,
+    awq.add_argument("--batch-size", type=positive_int, default=1,
                      help="samples per forward (accepted for lmdeploy compatibility; samples "
                           "run one at a time)")
     awq.add_argument("--w-bits", type=int, default=4, choices=[4], help="weight bits")
-    awq.add_argument("--w-group-size", type=_positive_int, default=128,
+    awq.add_argument("--w-group-size", type=positive_int, default=128,
                      help="input features sharing one scale and zero point")
     awq.add_argument("--search-scale", action="store_true",
                      help="grid-search the activation-scale exponent per linear (default: 0.5)")

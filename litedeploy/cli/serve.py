@@ -13,6 +13,7 @@ from litedeploy.cli.args import (
     add_log_arg,
     add_model_arg,
     engine_config_from,
+    positive_int,
 )
 
 # the server's defaults, repeated here so `--help` works without fastapi installed
@@ -21,13 +22,6 @@ MAX_REQUEST_BYTES = 32 * 1024 * 1024
 API_SERVER_PORT = 23333
 GRADIO_PORT = 6006
 LOCALHOST = "127.0.0.1"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _positive_float(text: str) -> float:
@@ -72,15 +66,15 @@ def _add_api_server(kinds) -> None:
     group.add_argument("--model-name", default=None,
                        help="name in /v1/models and in requests (default: the model's folder "
                             "or file name)")
-    group.add_argument("--max-concurrent-requests", type=_positive_int, default=None,
+    group.add_argument("--max-concurrent-requests", type=positive_int, default=None,
                        help="generations in flight before new ones get 503 (default: no limit)")
-    group.add_argument("--max-waiting-requests", type=_positive_int, default=None,
+    group.add_argument("--max-waiting-requests", type=positive_int, default=None,
                        help="requests waiting for their first token before new ones get 503 "
                             "(default: no limit)")
-    group.add_argument("--max-request-new-tokens", type=_positive_int,
+    group.add_argument("--max-request-new-tokens", type=positive_int,
                        default=MAX_REQUEST_NEW_TOKENS,
                        help="cap on n x max_tokens of one request (400 above it)")
-    group.add_argument("--max-request-bytes", type=_positive_int, default=MAX_REQUEST_BYTES,
+    group.add_argument("--max-request-bytes", type=positive_int, default=MAX_REQUEST_BYTES,
                        help="request body size limit (413 above it)")
     group.add_argument("--request-read-timeout", type=_positive_float, default=30.0,
                        help="seconds a client may take to send a request head or to go on with "
@@ -123,7 +117,7 @@ def _add_api_client(kinds) -> None:
                         help="the api_server's address")
     parser.add_argument("--api-key", default=None, help="one of the server's --api-keys")
     parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--max-tokens", type=_positive_int, default=None,
+    parser.add_argument("--max-tokens", type=positive_int, default=None,
                         help="max tokens of each reply (default: the server's)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="sampling temperature, 0 = greedy (default: the server's, 0.7)")
