@@ -151,7 +151,3 @@ def to_device(host: HostStepInputs, device: torch.device) -> StepInputs:
             q_lens, inputs.context_lens, inputs.max_q_len, inputs.max_context_len
         )
     return inputs
-
-
-def build_step_inputs(batch: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
-    return to_device(build_host_inputs(batch, block_size), device)

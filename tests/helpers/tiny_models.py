@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers import tokenizers
+
 VOCAB = 300
 TINY = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -20,11 +22,7 @@ TINY = dict(
 )
 
 
-def _try_tokenizer(folder: Path, kind: str) -> None:
-    try:
-        from tests.helpers import tokenizers
-    except ImportError:
-        return
+def _write_tokenizer(folder: Path, kind: str) -> None:
     if kind == "internlm2":
         tokenizers.write_internlm2_tokenizer(folder)
     else:
@@ -42,7 +40,7 @@ def make_llama(folder: Path, rope_scaling: dict | None = None, tie: bool = False
     model = LlamaForCausalLM(LlamaConfig(**params)).float().eval()
     _randomize_norms(model)
     model.save_pretrained(folder, safe_serialization=True)
-    _try_tokenizer(folder, "bpe")
+    _write_tokenizer(folder, "bpe")
     return folder, model
 
 
@@ -58,7 +56,7 @@ def make_qwen2(folder: Path, seed: int = 0):
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.5)
     model.save_pretrained(folder, safe_serialization=True)
-    _try_tokenizer(folder, "bpe")
+    _write_tokenizer(folder, "bpe")
     return folder, model
 
 
@@ -85,7 +83,7 @@ def make_internlm2(folder: Path, seed: int = 0, dynamic_factor: float | None = 2
         save_file(state, str(folder / "model.safetensors"))
     else:
         torch.save(state, folder / "pytorch_model.bin")
-    _try_tokenizer(folder, "internlm2")
+    _write_tokenizer(folder, "internlm2")
     return folder, twin
 
 
