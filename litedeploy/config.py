@@ -181,6 +181,9 @@ class EngineConfig:
     eager_mode: bool = False
     load_format: str = "auto"  # "auto" | "dummy"
     check_integrity: bool = False
+    # decode steps run back to back on the device between two host syncs (engine/multi_step.py);
+    # None = 8 on CUDA (hides the host's per-step work), 1 on CPU (tokens stream one by one)
+    num_scheduler_steps: int | None = None
 
     def validate(self) -> None:
         """Refuse settings this version cannot honour, instead of silently ignoring them."""

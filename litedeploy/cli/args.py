@@ -61,6 +61,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="built-in template name, or a .jinja / .json file")
     group.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size")
     group.add_argument("--eager-mode", action="store_true", help="disable CUDA graphs")
+    group.add_argument("--num-scheduler-steps", type=positive_int, default=None,
+                       help="greedy decode steps run on the device between two host syncs "
+                            "(default: 8 on CUDA, 1 on CPU)")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="dummy = random weights from config.json alone (benchmarks)")
 
@@ -97,6 +100,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         max_prefill_token_num=args.max_prefill_token_num, quant_policy=args.quant_policy,
         model_format=args.model_format, chat_template=args.chat_template, tp=args.tp,
         eager_mode=args.eager_mode, load_format=args.load_format,
+        num_scheduler_steps=args.num_scheduler_steps,
     )
 
 

@@ -23,6 +23,7 @@ import torch
 
 from litedeploy.engine.forward_context import StepInputs
 from litedeploy.engine.input_builder import HostStepInputs
+from litedeploy.engine.multi_step import advance_decode_inputs, greedy_next
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class DecodeGraphs:
         self.max_context_len = max_context_len
         self.layout = StaticLayout(self.sizes[-1], -(-max_context_len // block_size))
         self.device = device
+        self.block_size = block_size
         self.wide = torch.zeros(self.layout.wide_len, dtype=torch.int64, device=device)
         self.narrow = torch.zeros(self.layout.narrow_len, dtype=torch.int32, device=device)
         # pinned staging reused every step: the step's .tolist() has finished the last copy
@@ -111,6 +113,9 @@ class DecodeGraphs:
         self.narrow_host = torch.zeros(self.layout.narrow_len, dtype=torch.int32, pin_memory=pin)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        # multi-step decoding: argmax + next step's inputs, a second small graph per size
+        self.advance_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.next_tokens: dict[int, torch.Tensor] = {}
         self.num_replays = 0
         self._reset_padding()
 
@@ -144,6 +149,13 @@ class DecodeGraphs:
                 self.logits[size] = self.forward_all(inputs)
             pool = graph.pool() if pool is None else pool
             self.graphs[size] = graph
+        for size in reversed(self.sizes):
+            inputs = self.static_inputs(size)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.next_tokens[size] = greedy_next(self.logits[size])
+                advance_decode_inputs(inputs, self.next_tokens[size], self.block_size)
+            self.advance_graphs[size] = graph
         torch.cuda.synchronize(self.device)
         logger.info("captured %d decode CUDA graphs (batch %d..%d) in %.1f s", len(self.sizes),
                     self.sizes[0], self.sizes[-1], time.perf_counter() - start)
@@ -155,11 +167,11 @@ class DecodeGraphs:
         self.wide.copy_(self.wide_host)
         self.narrow.copy_(self.narrow_host)
 
-    def can_run(self, host: HostStepInputs) -> bool:
+    def can_run(self, host: HostStepInputs, num_steps: int = 1) -> bool:
         return (
             host.is_uniform_decode
             and host.batch_size <= self.sizes[-1]
-            and host.max_context_len <= self.max_context_len
+            and host.max_context_len + num_steps - 1 <= self.max_context_len
             and max(len(t) for t in host.block_tables) <= self.layout.max_blocks
         )
 
@@ -179,3 +191,17 @@ class DecodeGraphs:
         self.graphs[size].replay()
         self.num_replays += 1
         return self.logits[size][: host.batch_size]
+
+    def run_burst(self, host: HostStepInputs, num_steps: int) -> list[list[int]]:
+        """Greedy multi-step decoding (multi_step.py): forward graph, then the advance graph
+        that writes the argmax and the next step's inputs into the static buffers, num_steps
+        times; token ids [num_steps][batch] with one host sync."""
+        size = self.load(host)
+        forward, advance = self.graphs[size], self.advance_graphs[size]
+        tokens = torch.empty((num_steps, size), dtype=torch.int64, device=self.device)
+        for step in range(num_steps):
+            forward.replay()
+            advance.replay()
+            tokens[step].copy_(self.next_tokens[size])
+        self.num_replays += num_steps
+        return tokens[:, : host.batch_size].tolist()

@@ -14,11 +14,13 @@ import random
 from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine.block_manager import BlockManager
 from litedeploy.engine.detokenizer import IncrementalDetokenizer
+from litedeploy.engine.input_builder import build_host_inputs
 from litedeploy.engine.kv_cache import KVCache, plan_cache
 from litedeploy.engine.model_runner import ModelRunner, warm_up_model
+from litedeploy.engine.multi_step import resolve_num_steps, row_can_burst
 from litedeploy.engine.request import RequestOutput, RequestState
-from litedeploy.engine.sampler import Sampler
-from litedeploy.engine.scheduler import Scheduler
+from litedeploy.engine.sampler import SampledToken, Sampler
+from litedeploy.engine.scheduler import Scheduler, SchedulerOutput
 from litedeploy.engine.sequence import Sequence
 from litedeploy.errors import RequestError
 from litedeploy.model_bundle import ModelBundle, load_bundle, resolve_model_path
@@ -61,6 +63,8 @@ class LLMEngine:
 
             self.runner = TPModelRunner(self.runner, workers)
         self.sampler = Sampler(self.device)
+        self.num_scheduler_steps = resolve_num_steps(config.num_scheduler_steps, self.device)
+        self.num_burst_steps = 0  # decode steps run inside multi-step bursts (introspection)
         self._seq_ids = itertools.count()
         self._requests: dict[str, Sequence] = {}
         self._finished_outputs: list[RequestOutput] = []
@@ -136,6 +140,9 @@ class LLMEngine:
             if not self.scheduler.has_unfinished() and self.config.check_integrity:
                 self.scheduler.check_integrity()
             return outputs
+        num_steps = self._burst_length(batch)
+        if num_steps > 1:
+            return outputs + self._step_burst(batch, num_steps)
         try:
             logits = self.runner.run(batch)
             ready = self.scheduler.update(batch)
@@ -153,6 +160,60 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 self._requests.pop(state.request_id, None)
             outputs.append(state.take_output(seq.num_cached_tokens))
+        if not self.scheduler.has_unfinished() and self.config.check_integrity:
+            self.scheduler.check_integrity()
+        return outputs
+
+    # ---- multi-step decoding (engine/multi_step.py) ---------------------------------------
+    def _burst_length(self, batch: SchedulerOutput) -> int:
+        """How many greedy decode steps this batch may run between two host syncs (1 = none)."""
+        steps = self.num_scheduler_steps
+        if steps <= 1 or not hasattr(self.runner, "run_burst"):
+            return 1
+        # admissions wait for a burst to end: only when nobody waits or nobody could enter
+        if self.scheduler.num_waiting and self.scheduler.num_running < self.config.max_batch_size:
+            return 1
+        num_missing_blocks = 0
+        for item in batch.scheduled:
+            seq = item.seq
+            if item.num_new_tokens != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
+                return 1  # a prefill chunk: not a plain decode batch
+            steps = min(steps, seq.max_new_tokens - seq.num_generated_tokens)
+            if steps <= 1 or not row_can_burst(self._sampling_row(seq)):
+                return 1
+        for item in batch.scheduled:
+            seq = item.seq
+            num_needed = self.block_manager.num_blocks_for(seq.num_computed_tokens + steps)
+            num_missing_blocks += max(0, num_needed - len(seq.block_table))
+        return steps if num_missing_blocks <= self.block_manager.num_free_blocks else 1
+
+    def _step_burst(self, batch: SchedulerOutput, num_steps: int) -> list[RequestOutput]:
+        seqs = [item.seq for item in batch.scheduled]
+        for seq in seqs:  # blocks for every step up front: the device fills their slots alone
+            self.block_manager.allocate(seq, num_steps)
+        try:
+            token_rows = self.runner.run_burst(
+                build_host_inputs(batch, self.block_manager.block_size), num_steps)
+        except Exception as exc:
+            logger.exception("engine step failed")
+            return self._fail_batch(seqs, exc)
+        self.num_burst_steps += num_steps
+        column = {seq.seq_id: index for index, seq in enumerate(seqs)}
+        outputs = []
+        for tokens in token_rows:
+            for seq in self.scheduler.update(batch):  # finished ones drop out here
+                state: RequestState = seq.payload
+                token_id = tokens[column[seq.seq_id]]
+                state.add_token(SampledToken(token_id), seq.max_new_tokens)
+                if state.finish_reason is None:
+                    seq.append_token(token_id)
+                else:  # the rest of its burst is dropped with its blocks
+                    self.scheduler.finish(seq)
+                    self._requests.pop(state.request_id, None)
+                    outputs.append(state.take_output(seq.num_cached_tokens))
+        for seq in seqs:
+            if not seq.is_finished:
+                outputs.append(seq.payload.take_output(seq.num_cached_tokens))
         if not self.scheduler.has_unfinished() and self.config.check_integrity:
             self.scheduler.check_integrity()
         return outputs

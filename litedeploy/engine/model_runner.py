@@ -15,7 +15,9 @@ from litedeploy.engine.cuda_graph import DecodeGraphs
 from litedeploy.engine.forward_context import PagedKVBackend, StepInputs
 from litedeploy.engine.input_builder import HostStepInputs, build_host_inputs, to_device
 from litedeploy.engine.kv_cache import CacheShape, KVCache
+from litedeploy.engine.multi_step import advance_decode_inputs, greedy_next
 from litedeploy.engine.scheduler import SchedulerOutput
+from litedeploy.kernels.reference import paged_attention_mask
 from litedeploy.models.decoder import DecoderForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,27 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(host):
             return self.graphs.run(host)
         return self.forward(to_device(host, self.device))
+
+    @torch.inference_mode()
+    def run_burst(self, host: HostStepInputs, num_steps: int) -> list[list[int]]:
+        """`num_steps` greedy decode steps from one uniform decode batch, one host sync in all:
+        token ids [num_steps][batch]. The block tables must already cover every step."""
+        if self.graphs is not None and self.graphs.can_run(host, num_steps):
+            return self.graphs.run_burst(host, num_steps)
+        inputs = to_device(host, self.device)
+        steps = []
+        for step in range(num_steps):
+            tokens = greedy_next(self.forward(inputs))
+            steps.append(tokens)
+            if step == num_steps - 1:
+                break
+            advance_decode_inputs(inputs, tokens, self.block_size)
+            inputs.max_context_len += 1
+            if inputs.mask is not None:  # CPU: the mask follows the grown contexts
+                q_lens = torch.ones(host.batch_size, dtype=torch.int64)
+                inputs.mask = paged_attention_mask(q_lens, inputs.context_lens, 1,
+                                                   inputs.max_context_len)
+        return torch.stack(steps).tolist()
 
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits of the rows in `inputs.logits_indices`, or of every row when it is None."""

@@ -107,12 +107,18 @@ def test_cuda_graphs_match_eager_on_long_contexts(tmp_path):
     gen = GenerationConfig(max_new_tokens=24, ignore_eos=True)
     results = {}
     # eager with a small prefill budget: chunks of the long prompts share steps with decode rows
-    # of the short one (the split decode/prefill attention path); graphs: one prefill, then decode
-    for eager, budget in ((True, 256), (False, 8192)):
+    # of the short one (the split decode/prefill attention path); graphs: one prefill, then
+    # decode one step per sync, then greedy bursts of 8 steps per sync (graph + advance graph)
+    for name, eager, budget, steps in (("eager", True, 256, 1), ("graphs", False, 8192, 1),
+                                       ("bursts", False, 8192, 8)):
         config = EngineConfig(cache_block_seq_len=16, cache_max_tokens=8192, max_batch_size=8,
-                              session_len=2048, eager_mode=eager, max_prefill_token_num=budget)
+                              session_len=2048, eager_mode=eager, max_prefill_token_num=budget,
+                              num_scheduler_steps=steps)
         engine = LLMEngine(bundle, config)
-        results[eager] = [out.token_ids for out in engine.generate(prompts, gen)]
+        results[name] = [out.token_ids for out in engine.generate(prompts, gen)]
         if not eager:
             assert engine.runner.graphs is not None and engine.runner.graphs.num_replays >= 20
-    assert results[False] == results[True]
+        assert (engine.num_burst_steps > 0) == (steps > 1)
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert results["graphs"] == results["eager"]
+    assert results["bursts"] == results["eager"]

@@ -59,6 +59,10 @@ REGIMES = {
     "preemption+prefix": dict(cache_max_tokens=160, enable_prefix_caching=True),
     "chunked-prefill": dict(max_prefill_token_num=7),
     "chunked+prefix": dict(max_prefill_token_num=10, enable_prefix_caching=True),
+    # greedy bursts of decode steps between host syncs (engine/multi_step.py)
+    "multi-step": dict(num_scheduler_steps=4),
+    "multi-step+preemption+prefix": dict(num_scheduler_steps=5, cache_max_tokens=160,
+                                         enable_prefix_caching=True),
 }
 
 
@@ -91,6 +95,7 @@ def test_batch_equals_reference_alone(bundle, references, regime):
         assert engine.num_preemptions > 0
     if "prefix" in regime:
         assert bm.stats.num_prefix_hit_tokens > 0
+    assert (engine.num_burst_steps > 0) == regime.startswith("multi-step")
 
 
 def test_request_that_can_never_fit_is_rejected(bundle):
