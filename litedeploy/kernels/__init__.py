@@ -60,3 +60,7 @@ def rms_norm(x, weight, eps, residual=None):
 
 def apply_rope(q, k, cos, sin):
     return _pick(q, "triton_norm_rope", "apply_rope")(q, k, cos, sin)
+
+
+def silu_and_mul(x):
+    return _pick(x, "triton_activation", "silu_and_mul")(x)

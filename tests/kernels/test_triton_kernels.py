@@ -26,6 +26,7 @@ else:
     pytest.skip("Triton kernels need CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
 
 from litedeploy.kernels import reference
+from litedeploy.kernels import triton_activation as tri_act
 from litedeploy.kernels import triton_attention as tri_attn
 from litedeploy.kernels import triton_norm_rope as tri_norm_rope
 from litedeploy.kernels import triton_store_kv as tri_store
@@ -193,6 +194,16 @@ def test_fused_add_rms_norm_matches_reference(dtype) -> None:
     assert torch.equal(new_residual, ref_residual)
     assert torch.equal(residual, residual_copy)  # inputs are not modified
     torch.testing.assert_close(out, ref_out)
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 2 * 8192), (5, 2 * 1000), (2, 3, 2 * 4097)])
+def test_silu_and_mul_matches_reference(dtype, shape) -> None:
+    x = 3 * torch.randn(shape, dtype=dtype, device=DEVICE)
+    out = tri_act.silu_and_mul(x)
+    ref = reference.silu_and_mul(x)
+    assert out.shape == ref.shape == (*shape[:-1], shape[-1] // 2)
+    torch.testing.assert_close(out, ref)  # silu may differ by one rounding of the dtype
 
 
 def _rope_tables(num_tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
