@@ -23,10 +23,10 @@ def run_latency(engine: LLMEngine, batch_size: int, input_len: int, output_len: 
         engine.step()  # the whole batch's prefill (within --max-prefill-token-num) + 1st token
         sync(engine.device)
         prefill_done = time.perf_counter()
-        num_steps = 0
         while engine.has_unfinished():
             engine.step()
-            num_steps += 1
+        # model steps, not engine.step() calls: one engine step may run a multi-step burst
+        num_steps = output_len - 1
         sync(engine.device)
         end = time.perf_counter()
         prefill_ms.append(1000 * (prefill_done - start))
