@@ -56,7 +56,7 @@ class ModelConfig:
     def q_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def shard(self, tp_size: int) -> "ModelConfig":
+    def shard(self, tp_size: int) -> ModelConfig:
         """This rank's view of the model under `tp_size`-way tensor parallelism."""
         if tp_size == 1:
             return self
@@ -154,6 +154,9 @@ class CacheConfig:
     max_cache_tokens: int | None = None
     enable_prefix_caching: bool = False
     quant_policy: int = 0
+    # --max-gpu-memory: the process's CUDA allocator is capped at this many GiB, and the cache
+    # takes its share of what the cap leaves (not of the device's free memory)
+    max_gpu_memory: float | None = None
 
 
 @dataclass
@@ -181,6 +184,7 @@ class EngineConfig:
     eager_mode: bool = False
     load_format: str = "auto"  # "auto" | "dummy"
     check_integrity: bool = False
+    max_gpu_memory: float | None = None  # GiB; caps this process's CUDA allocations
     # decode steps run back to back on the device between two host syncs (engine/multi_step.py);
     # None = 8 on CUDA (hides the host's per-step work), 1 on CPU (tokens stream one by one)
     num_scheduler_steps: int | None = None
@@ -197,6 +201,9 @@ class EngineConfig:
         if not 0.0 < self.cache_max_entry_count < 1.0:
             raise ModelLoadError("--cache-max-entry-count must be between 0 and 1, "
                                  f"got {self.cache_max_entry_count}")
+        if self.max_gpu_memory is not None and not self.max_gpu_memory > 0:
+            raise ModelLoadError(f"--max-gpu-memory must be a positive number of GiB, "
+                                 f"got {self.max_gpu_memory}")
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
@@ -205,6 +212,7 @@ class EngineConfig:
             max_cache_tokens=self.cache_max_tokens,
             enable_prefix_caching=self.enable_prefix_caching,
             quant_policy=self.quant_policy,
+            max_gpu_memory=self.max_gpu_memory,
         )
 
     def scheduler_config(self) -> SchedulerConfig:

@@ -13,7 +13,7 @@ from litedeploy.chat.template import ChatTemplate
 from litedeploy.config import EngineConfig, ModelConfig
 from litedeploy.loader.model_loader import ModelSource, load_model, open_source
 from litedeploy.models.decoder import DecoderForCausalLM
-from litedeploy.tokenizer import Tokenizer
+from litedeploy.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +24,11 @@ class ModelBundle:
     source: ModelSource
     model: DecoderForCausalLM
     model_config: ModelConfig
-    tokenizer: Tokenizer | None  # None with --load-format dummy
+    tokenizer: Tokenizer | None  # None with --load-format dummy and no tokenizer files
     chat_template: ChatTemplate | None
     stop_token_ids: frozenset[int]
+    # CUDA memory PyTorch had allocated once the weights were loaded (None on CPU)
+    weights_allocated_bytes: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -48,15 +50,26 @@ def resolve_model_path(model_path: str | None) -> str:
 def load_bundle(model_path: str | None, config: EngineConfig) -> ModelBundle:
     source = open_source(resolve_model_path(model_path))
     model, model_config = load_model(source, config.dtype, config.device, config.load_format,
-                                     config.model_format)
+                                     config.model_format, config.max_gpu_memory)
+    device = next(model.parameters()).device
+    weights_allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     tokenizer = template = None
-    if config.load_format != "dummy":
+    if config.load_format != "dummy" or _has_tokenizer(source):
         tokenizer = _load_tokenizer(source)
         template = ChatTemplate.resolve(
             tokenizer, config.chat_template, model_type=source.hf_config.get("model_type")
         )
     stop_ids = _stop_token_ids(source, model_config, tokenizer, template)
-    return ModelBundle(source.name, source, model, model_config, tokenizer, template, stop_ids)
+    return ModelBundle(source.name, source, model, model_config, tokenizer, template, stop_ids,
+                       weights_allocated)
+
+
+def _has_tokenizer(source: ModelSource) -> bool:
+    """Dummy weights still use a tokenizer that is there (so a server can take text)."""
+    if source.is_gguf:
+        return True
+    folder = Path(source.path)
+    return any((folder / name).is_file() for name in HF_TOKENIZER_FILES)
 
 
 def _load_tokenizer(source: ModelSource) -> Tokenizer:

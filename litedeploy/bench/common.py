@@ -65,15 +65,56 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def weight_bytes(model: torch.nn.Module, skip_embedding: bool = False) -> int:
+    """Bytes of the weights as they sit on the device: parameters and buffers, plus the repacked
+    tensors quantized linears keep for their kernels (`kernel_tensors`, `scales_bf16`) once their
+    load-time parameters are freed. Each storage is counted once (tied embeddings)."""
+    seen: set[int] = set()
+    total = 0
+    for module_name, module in model.named_modules():
+        if skip_embedding and "embed_tokens" in module_name:
+            continue
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+            elif isinstance(value, (tuple, list)):
+                tensors += [item for item in value if isinstance(item, torch.Tensor)]
+        for tensor in tensors:
+            key = tensor.untyped_storage().data_ptr() if tensor.numel() else id(tensor)
+            if key not in seen:
+                seen.add(key)
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def gpu_memory_info(device: torch.device) -> dict:
+    """PyTorch's CUDA allocator figures so far (empty on CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_memory_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+            "gpu_memory_reserved_gib": torch.cuda.memory_reserved(device) / 2**30,
+            "gpu_max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "gpu_max_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+
+
 def engine_info(engine) -> dict:
-    """KV cache size, CUDA graph ladder and the bytes a batch-1 decode step must read."""
+    """KV cache size, CUDA graph ladder, the weights' memory and the bytes a batch-1 decode step
+    must read."""
     shape = engine.kv_cache.shape
     graphs = engine.runner.graphs
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in
-                       engine.bundle.model.named_parameters() if "embed_tokens" not in name)
+    model = engine.bundle.model
+    allocated = getattr(engine.bundle, "weights_allocated_bytes", None)
     return {
         "kv_cache_tokens": shape.num_tokens, "kv_cache_gib": shape.size_gib,
+        "kv_quant_policy": shape.quant_policy,
         "cuda_graph_batch_sizes": graphs.sizes if graphs is not None else [],
         "max_batch_size": engine.config.max_batch_size, "session_len": engine.session_len,
-        "weight_bytes_read_per_step": weight_bytes,
+        "weight_bytes_read_per_step": weight_bytes(model, skip_embedding=True),
+        "weights_gib": weight_bytes(model) / 2**30,
+        # what the CUDA allocator held right after loading (weights only, on GPU)
+        "weights_allocated_gib": allocated / 2**30 if allocated is not None else None,
+        "model_format": engine.config.model_format, "load_format": engine.config.load_format,
+        "max_gpu_memory_gib": getattr(engine.config, "max_gpu_memory", None),
+        **gpu_memory_info(engine.device),
     }

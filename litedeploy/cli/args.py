@@ -25,6 +25,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of GiB, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text}")
+    return value
+
+
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_path", nargs="?", default=None,
                         help="Hugging Face model folder or .gguf file (default: the embedded "
@@ -66,6 +76,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                             "(default: 8 on CUDA, 1 on CPU)")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="dummy = random weights from config.json alone (benchmarks)")
+    group.add_argument("--max-gpu-memory", type=positive_gib, default=None, metavar="GIB",
+                       help="cap this process's CUDA memory (weights, activations, KV cache) "
+                            "at GIB GiB; the KV cache is sized inside the cap (CUDA only)")
 
 
 def add_log_arg(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +113,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         max_prefill_token_num=args.max_prefill_token_num, quant_policy=args.quant_policy,
         model_format=args.model_format, chat_template=args.chat_template, tp=args.tp,
         eager_mode=args.eager_mode, load_format=args.load_format,
-        num_scheduler_steps=args.num_scheduler_steps,
+        num_scheduler_steps=args.num_scheduler_steps, max_gpu_memory=args.max_gpu_memory,
     )
 
 

@@ -8,7 +8,9 @@ addresses). The token budget counts those bytes, so the same memory holds ~2x (i
 
 Its size follows lmdeploy's `cache_max_entry_count`: on GPU the fraction of free memory after the
 weights are loaded and a warm-up forward has reserved its activations (model_runner.warm_up_model);
-on CPU the fraction of available RAM. `max_cache_tokens` overrides both.
+on CPU the fraction of available RAM. `max_cache_tokens` overrides both. Under
+`--max-gpu-memory` the free memory is what the cap leaves: the cap minus what PyTorch has reserved
+(weights and the warm-up's activations), as `mem_get_info` knows nothing of the cap.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from litedeploy.config import CacheConfig, ModelConfig
+from litedeploy.errors import ModelLoadError
 from litedeploy.kernels.kv_quant import check_quant_bits, packed_head_dim
 
 logger = logging.getLogger(__name__)
@@ -62,10 +65,13 @@ class CacheShape:
         return self.num_tokens * self.bytes_per_token / 2**30
 
 
-def available_memory_bytes(device: torch.device) -> int:
+def available_memory_bytes(device: torch.device, cap_bytes: int | None = None) -> int:
+    """Free device memory; under a cap (CUDA) what the cap leaves beside PyTorch's reserved pool."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return free
+        if cap_bytes is not None:
+            free = min(free, cap_bytes - torch.cuda.memory_reserved(device))
+        return max(0, free)
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -85,17 +91,44 @@ def plan_cache(
     shape = CacheShape(0, cache_config.block_size, model_config.num_layers,
                        model_config.num_kv_heads, model_config.head_dim, dtype,
                        cache_config.quant_policy)
+    cap_bytes = _cap_bytes(cache_config, device)
     if cache_config.max_cache_tokens:
         num_tokens = cache_config.max_cache_tokens
+        if cap_bytes is not None:
+            _check_fits(num_tokens * shape.bytes_per_token, cap_bytes, device,
+                        f"--cache-max-tokens {num_tokens}")
     else:
-        free_bytes = available_memory_bytes(device)
+        free_bytes = available_memory_bytes(device, cap_bytes)
         budget = free_bytes * cache_config.cache_max_entry_count
         num_tokens = min(int(budget // shape.bytes_per_token), max_useful_tokens)
-        logger.info("KV cache budget: %.2f of %.2f GiB free -> %d tokens (%d bytes/token%s)",
-                    cache_config.cache_max_entry_count, free_bytes / 2**30, num_tokens,
+        cap_note = "" if cap_bytes is None else (
+            f" under the --max-gpu-memory {cap_bytes / 2**30:.2f} GiB cap")
+        logger.info("KV cache budget: %.2f of %.2f GiB free%s -> %d tokens (%d bytes/token%s)",
+                    cache_config.cache_max_entry_count, free_bytes / 2**30, cap_note, num_tokens,
                     shape.bytes_per_token, _quant_note(shape))
+        if cap_bytes is not None and num_tokens < cache_config.block_size:
+            one_block = cache_config.block_size * shape.bytes_per_token
+            _check_fits(one_block / cache_config.cache_max_entry_count, cap_bytes, device,
+                        f"one KV cache block of {cache_config.block_size} tokens")
     num_blocks = max(1, num_tokens // cache_config.block_size)
     return dataclasses.replace(shape, num_blocks=num_blocks)
+
+
+def _cap_bytes(cache_config: CacheConfig, device: torch.device) -> int | None:
+    if cache_config.max_gpu_memory is None or device.type != "cuda":
+        return None
+    return int(cache_config.max_gpu_memory * 2**30)
+
+
+def _check_fits(need_bytes: float, cap_bytes: int, device: torch.device, what: str) -> None:
+    free = available_memory_bytes(device, cap_bytes)
+    if need_bytes > free:
+        used = torch.cuda.memory_reserved(device)
+        raise ModelLoadError(
+            f"{what} needs {need_bytes / 2**30:.2f} GiB, but --max-gpu-memory "
+            f"{cap_bytes / 2**30:.2f} GiB leaves {free / 2**30:.2f} GiB after the weights and "
+            f"activations ({used / 2**30:.2f} GiB); raise the cap, or lower "
+            "--max-prefill-token-num / --cache-max-tokens")
 
 
 def _quant_note(shape: CacheShape) -> str:

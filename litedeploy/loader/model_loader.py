@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from litedeploy.config import ModelConfig
 from litedeploy.distributed.parallel_state import tp_state
 from litedeploy.errors import ModelLoadError, ModelNotFoundError
+from litedeploy.layers.quant_linear import Int4Linear, Int8Linear
 from litedeploy.layers.rotary import RotaryEmbedding
 from litedeploy.loader import weights
 from litedeploy.loader.quantization import QuantizationPlan, plan_quantization
@@ -81,16 +82,62 @@ def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torc
     return torch.float16 if config.checkpoint_dtype == "float16" else torch.bfloat16
 
 
+def gpu_memory_cap_bytes(max_gpu_memory: float | None, device: torch.device) -> int | None:
+    """--max-gpu-memory in bytes, validated (None without one).
+
+    CUDA only: on CPU the flag is refused, since silently ignoring a memory limit would let a
+    run exceed what the user budgeted."""
+    if max_gpu_memory is None:
+        return None
+    if not max_gpu_memory > 0:
+        raise ModelLoadError(f"--max-gpu-memory must be a positive number of GiB, "
+                             f"got {max_gpu_memory}")
+    if device.type != "cuda":
+        raise ModelLoadError(f"--max-gpu-memory caps CUDA memory, but the model runs on "
+                             f"{device.type}; drop the flag (or use --device cuda on a GPU)")
+    cap_bytes = int(max_gpu_memory * 2**30)
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cap_bytes > total:
+        raise ModelLoadError(f"--max-gpu-memory {max_gpu_memory:g} GiB is more than the "
+                             f"device's {total / 2**30:.2f} GiB")
+    return cap_bytes
+
+
+def set_gpu_memory_cap(cap_bytes: int, device: torch.device) -> None:
+    """Cap PyTorch's CUDA allocator for this process (before any weight exists)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap_bytes / total, device)
+    logger.info("GPU memory capped at %.2f GiB of the device's %.2f GiB (--max-gpu-memory)",
+                cap_bytes / 2**30, total / 2**30)
+
+
+def module_tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, each storage counted once (tied weights)."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = (str(tensor.device), id(tensor) if tensor.is_meta else tensor.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def build_model(
     config: ModelConfig, dtype: torch.dtype, device: torch.device,
-    quantization: QuantizationPlan | None = None,
+    quantization: QuantizationPlan | None = None, max_bytes: int | None = None,
 ) -> DecoderForCausalLM:
     with torch.device("meta"):
         model = model_class_for(config)(config)
         if quantization is not None:  # swap linears before any weight memory exists
             quantization.swap_linears(model)
     # cast while still on meta (free), then allocate once at the target dtype
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if max_bytes is not None:  # --max-gpu-memory: the weights must fit, then the cap is set
+        _check_weights_fit(model, max_bytes)
+        if device.type == "cuda":
+            set_gpu_memory_cap(max_bytes, device)
+    model = model.to_empty(device=device)
     # rotary inverse frequencies are computed, not loaded: rebuild them on the device in fp32
     model.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
     model.rotary.to(device)
@@ -98,16 +145,33 @@ def build_model(
     return model.eval()
 
 
+def _check_weights_fit(model: DecoderForCausalLM, max_bytes: int) -> None:
+    """A clear error instead of a CUDA out-of-memory traceback half way through loading."""
+    if model.config.tie_word_embeddings:
+        model.tie_weights()  # on meta, so the shared table counts once
+    need = module_tensor_bytes(model)
+    if need > max_bytes:
+        raise ModelLoadError(f"the model's weights need {format_bytes(need)}, more than "
+                             f"--max-gpu-memory {format_bytes(max_bytes)}; raise the cap "
+                             "or load a quantized model (--model-format awq)")
+
+
+def format_bytes(num_bytes: float) -> str:
+    return (f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 / 10
+            else f"{num_bytes / 2**20:.2f} MiB")
+
+
 def load_model(
     source: ModelSource, dtype: str = "auto", device: str = "auto", load_format: str = "auto",
-    model_format: str | None = None,
+    model_format: str | None = None, max_gpu_memory: float | None = None,
 ) -> tuple[DecoderForCausalLM, ModelConfig]:
-    plan = plan_quantization(source, model_format)
+    plan = plan_quantization(source, model_format, load_format)
     tp = tp_state()
     config = ModelConfig.from_hf(plan.hf_config if plan else source.hf_config).shard(tp.world_size)
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, config, target_device)
-    model = build_model(config, target_dtype, target_device, plan)
+    cap_bytes = gpu_memory_cap_bytes(max_gpu_memory, target_device)
+    model = build_model(config, target_dtype, target_device, plan, cap_bytes)
     if load_format == "dummy":
         _init_random(model)
     else:
@@ -115,6 +179,8 @@ def load_model(
         _load_tensors(model, _rank_slices(tensors, model, tp.rank), total)
     if plan is not None:
         plan.finalize(model)
+        if target_device.type == "cuda":  # hand back repacking's scratch before the cache is sized
+            torch.cuda.empty_cache()
     return model, config
 
 
@@ -133,15 +199,52 @@ def _checkpoint_tensors(source: ModelSource) -> tuple[Iterator[tuple[str, torch.
     return weights.iter_tensors(files), weights.count_tensors(files)
 
 
+# Dummy weights are N(0, 0.02); quantized linears get random codes whose dequantized weights have
+# that spread too. Int4: codes uniform in 0..15 around an integer zero point 8 (AWQ-valid), so
+# (q - 8) has an RMS of sqrt(21.5); int8: codes uniform in -127..127, RMS sqrt(127 * 128 / 3).
+DUMMY_STD = 0.02
+_INT4_CODE_RMS = 21.5**0.5
+_INT8_CODE_RMS = (127 * 128 / 3) ** 0.5
+
+
 def _init_random(model: DecoderForCausalLM) -> None:
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    """Random weights drawn on the model's device (fast on GPU), seeded: N(0, 0.02) floats, norms
+    at 1, and valid packed codes for quantized linears (a float randn copied into their integer
+    tensors would truncate to zeros)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(0)
+    quantized = [m for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    handled = {id(t) for m in quantized for t in m.parameters(recurse=False) if t is not m.bias}
     with torch.no_grad():
+        for module in quantized:
+            _init_random_quantized(module, generator)
         for name, param in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if id(param) in handled:
+                continue
+            if name.endswith(("layernorm.weight", "norm.weight")):
                 param.fill_(1.0)
             else:
-                values = torch.randn(param.shape, generator=generator) * 0.02
-                param.copy_(values)
+                values = torch.randn(param.shape, generator=generator, device=device)
+                param.copy_(values * DUMMY_STD)
+
+
+def _init_random_quantized(module: Int4Linear | Int8Linear, generator: torch.Generator) -> None:
+    def uniform(shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+        unit = torch.rand(shape, generator=generator, device=generator.device)
+        return low + (high - low) * unit
+
+    if isinstance(module, Int4Linear):
+        # random bytes: two uniform nibbles each (qweight is uint8 [N, K/2])
+        module.qweight.copy_(torch.randint(0, 256, module.qweight.shape, generator=generator,
+                                           device=generator.device, dtype=torch.uint8))
+        module.zeros.fill_(8.0)
+        base = DUMMY_STD / _INT4_CODE_RMS
+        module.scales.copy_(uniform(module.scales.shape, 0.5 * base, 1.5 * base))
+    else:
+        module.weight.copy_(torch.randint(-127, 128, module.weight.shape, generator=generator,
+                                          device=generator.device, dtype=torch.int8))
+        base = DUMMY_STD / _INT8_CODE_RMS
+        module.scales.copy_(uniform(module.scales.shape, 0.5 * base, 1.5 * base))
 
 
 def _load_tensors(

@@ -107,8 +107,13 @@ class QuantizationPlan:
                 module.finalize()
 
 
-def plan_quantization(source: Any, model_format: str | None) -> QuantizationPlan | None:
-    """None for a plain float checkpoint (or `--model-format hf`: dequantize everything)."""
+def plan_quantization(source: Any, model_format: str | None,
+                      load_format: str = "auto") -> QuantizationPlan | None:
+    """None for a plain float checkpoint (or `--model-format hf`: dequantize everything).
+
+    `--load-format dummy --model-format awq` on a float folder builds the int4 model that the
+    folder's AWQ checkpoint would load into (AutoAWQ's defaults: 4 bits, group 128), filled with
+    random codes: the memory and speed of int4 weights without quantizing anything."""
     from litedeploy.loader.awq import awq_config, is_awq
 
     if model_format == "hf":
@@ -118,10 +123,25 @@ def plan_quantization(source: Any, model_format: str | None) -> QuantizationPlan
             raise ModelLoadError("--model-format awq needs an AWQ folder, not a GGUF file")
         return _gguf_plan(source)
     if model_format == "awq" or is_awq(source.hf_config):
-        config = awq_config(source.hf_config)
+        dummy_int4 = load_format == "dummy" and not is_awq(source.hf_config)
+        config = _dummy_awq_config(source.hf_config) if dummy_int4 else awq_config(source.hf_config)
         return QuantizationPlan("awq", source.hf_config, source, config.group_size,
                                 config.modules_to_not_convert)
     return None
+
+
+def _dummy_awq_config(hf_config: dict[str, Any]) -> Any:
+    """AutoAWQ's group of 128, or the largest smaller power of two dividing every linear's
+    input width (tiny test models)."""
+    from litedeploy.loader.awq import AWQConfig
+
+    heads = hf_config["num_attention_heads"]
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    widths = (hf_config["hidden_size"], hf_config["intermediate_size"], heads * head_dim)
+    for group_size in (128, 64, 32):
+        if all(width % group_size == 0 for width in widths):
+            return AWQConfig(group_size=group_size)
+    raise ModelLoadError(f"dummy int4 weights need input widths {widths} divisible by 32")
 
 
 def _gguf_plan(source: Any) -> QuantizationPlan | None:
