@@ -3,6 +3,9 @@ at most `max_concurrency` in flight; throughput, TTFT/TPOT/ITL percentiles and e
 
 TTFT is measured to the first chunk with text, TPOT as (latency - TTFT) / (output tokens - 1) per
 request, ITL between text chunks. Output tokens come from the server's usage (stream_options).
+
+Prompts are short chat-style texts, or with `input_len` exact-length prompts of random token ids
+sent to /v1/completions (a long-context load that needs no client-side tokenizer).
 """
 
 from __future__ import annotations
@@ -38,7 +41,17 @@ def make_prompts(num_prompts: int, seed: int) -> list[str]:
             for i in range(num_prompts)]
 
 
-def _payload(endpoint: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool) -> dict:
+def make_token_prompts(num_prompts: int, input_len: int, vocab_size: int,
+                       seed: int) -> list[list[int]]:
+    """Random token ids, away from the low ids where tokenizers keep their special tokens."""
+    rng = random.Random(seed)
+    first_id = min(1000, vocab_size // 4)
+    return [[rng.randrange(first_id, vocab_size) for _ in range(input_len)]
+            for _ in range(num_prompts)]
+
+
+def _payload(endpoint: str, model: str, prompt: str | list[int], max_tokens: int,
+             ignore_eos: bool) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0.0,
             "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}}
     if endpoint == "chat":
@@ -119,8 +132,13 @@ async def run_serving_async(url: str, num_prompts: int, request_rate: float = ma
                             max_concurrency: int | None = None, *, max_tokens: int = 64,
                             endpoint: str = "chat", model: str | None = None,
                             api_key: str | None = None, seed: int = 0, ignore_eos: bool = True,
-                            timeout_s: float = 600.0, verify: bool | str = True) -> dict:
+                            timeout_s: float = 600.0, verify: bool | str = True,
+                            input_len: int | None = None, vocab_size: int = 32000) -> dict:
+    """`input_len`: prompts of that many random token ids below `vocab_size` (completions only)."""
     import httpx
+
+    if input_len is not None and endpoint != "completions":
+        raise ValueError("token-id prompts (input_len) go to the completions endpoint only")
 
     base_url = url.rstrip("/").removesuffix("/v1")
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
@@ -135,7 +153,7 @@ async def run_serving_async(url: str, num_prompts: int, request_rate: float = ma
                                  verify=verify) as client:
         model = model or await _discover_model(client, base_url)
 
-        async def limited(prompt: str) -> RequestResult:
+        async def limited(prompt: str | list[int]) -> RequestResult:
             nonlocal in_flight, peak
             async with semaphore:
                 in_flight += 1
@@ -148,7 +166,9 @@ async def run_serving_async(url: str, num_prompts: int, request_rate: float = ma
 
         start = time.perf_counter()
         tasks = []
-        for prompt in make_prompts(num_prompts, seed):
+        prompts = (make_prompts(num_prompts, seed) if input_len is None
+                   else make_token_prompts(num_prompts, input_len, vocab_size, seed))
+        for prompt in prompts:
             tasks.append(asyncio.create_task(limited(prompt)))
             if math.isfinite(request_rate):
                 await asyncio.sleep(rng.expovariate(request_rate))
@@ -156,7 +176,7 @@ async def run_serving_async(url: str, num_prompts: int, request_rate: float = ma
         duration_s = time.perf_counter() - start
     return summarize(results, duration_s, peak, url=base_url, endpoint=endpoint, model=model,
                      num_prompts=num_prompts, request_rate=request_rate,
-                     max_concurrency=max_concurrency, max_tokens=max_tokens)
+                     max_concurrency=max_concurrency, max_tokens=max_tokens, input_len=input_len)
 
 
 def summarize(results: list[RequestResult], duration_s: float, peak_concurrency: int,
@@ -189,6 +209,6 @@ def summarize(results: list[RequestResult], duration_s: float, peak_concurrency:
 def run_serving(url: str, num_prompts: int, request_rate: float = math.inf,
                 max_concurrency: int | None = None, **options) -> dict:
     """Blocking wrapper of `run_serving_async` (options: max_tokens, endpoint, model, api_key,
-    seed, ignore_eos, timeout_s, verify)."""
+    seed, ignore_eos, timeout_s, verify, input_len, vocab_size)."""
     return asyncio.run(run_serving_async(url, num_prompts, request_rate, max_concurrency,
                                          **options))

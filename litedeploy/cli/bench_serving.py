@@ -33,6 +33,11 @@ def add_serving_parser(kinds) -> None:
     parser.add_argument("--max-tokens", type=positive_int, default=64,
                         help="max_tokens of each request (ignore_eos keeps lengths equal)")
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    parser.add_argument("--input-len", type=positive_int, default=None,
+                        help="prompts of exactly N random token ids (with --endpoint "
+                             "completions; default: short chat-style text prompts)")
+    parser.add_argument("--vocab-size", type=positive_int, default=32000,
+                        help="with --input-len: token ids are drawn below this")
     parser.add_argument("--model", default=None, help="default: the first of /v1/models")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                         help="one of the server's --api-keys (default: $OPENAI_API_KEY)")
@@ -51,11 +56,16 @@ def run_serving_cli(args: argparse.Namespace) -> int:
     """Exit 0 when every request succeeded, 1 otherwise (so scripts can stop on errors)."""
     from litedeploy.bench.serving import run_serving
 
+    if args.input_len is not None and args.endpoint != "completions":
+        print("litedeploy: error: --input-len sends token-id prompts, which only "
+              "--endpoint completions takes", file=sys.stderr)
+        return 2
     result = run_serving(args.url, args.num_prompts, args.request_rate, args.max_concurrency,
                          max_tokens=args.max_tokens, endpoint=args.endpoint, model=args.model,
                          api_key=args.api_key, seed=args.seed,
                          ignore_eos=not args.no_ignore_eos, timeout_s=args.timeout,
-                         verify=not args.insecure)
+                         verify=not args.insecure, input_len=args.input_len,
+                         vocab_size=args.vocab_size)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output_json:

@@ -179,8 +179,8 @@ def load_model(
         _load_tensors(model, _rank_slices(tensors, model, tp.rank), total)
     if plan is not None:
         plan.finalize(model)
-        if target_device.type == "cuda":  # hand back repacking's scratch before the cache is sized
-            torch.cuda.empty_cache()
+    if target_device.type == "cuda":  # hand back loading's scratch before the cache is sized
+        torch.cuda.empty_cache()
     return model, config
 
 
@@ -223,9 +223,10 @@ def _init_random(model: DecoderForCausalLM) -> None:
                 continue
             if name.endswith(("layernorm.weight", "norm.weight")):
                 param.fill_(1.0)
-            else:
-                values = torch.randn(param.shape, generator=generator, device=device)
-                param.copy_(values * DUMMY_STD)
+            else:  # drawn at the parameter's dtype, scaled in place: one temporary
+                dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+                values = torch.randn(param.shape, generator=generator, device=device, dtype=dtype)
+                param.copy_(values.mul_(DUMMY_STD))
 
 
 def _init_random_quantized(module: Int4Linear | Int8Linear, generator: torch.Generator) -> None:

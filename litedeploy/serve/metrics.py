@@ -1,7 +1,9 @@
 """Prometheus metrics of the API server (vLLM/lmdeploy-style names under `litedeploy:`).
 
 Engine gauges (running, waiting, KV usage, prefix hit rate) are read from `engine.stats()` at
-scrape time; latencies and token counters are recorded per request by `RequestTimer`.
+scrape time; latencies and token counters are recorded per request by `RequestTimer`. On a GPU
+the CUDA allocator's current and peak memory are gauges too (what `--max-gpu-memory` bounds; the
+CUDA context and kernels' own memory are outside it, so nvidia-smi shows a little more).
 Each server owns its registry, so several servers in one process do not collide.
 """
 
@@ -31,6 +33,9 @@ class ServerMetrics:
         gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)", "kv_usage")
         gauge("prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache",
               "prefix_hit_rate")
+        for name, doc, read in _gpu_memory_readers():
+            metric = Gauge(f"litedeploy:{name}", doc, list(labels), registry=self.registry)
+            metric.labels(**labels).set_function(read)
         self.time_to_first_token = Histogram(
             "litedeploy:time_to_first_token_seconds", "Time from request to first token",
             list(labels), buckets=_TTFT_BUCKETS_S, registry=self.registry).labels(**labels)
@@ -55,6 +60,25 @@ class ServerMetrics:
 
     def timer(self) -> RequestTimer:
         return RequestTimer(self)
+
+
+def _gpu_memory_readers() -> list[tuple[str, str, Callable[[], float]]]:
+    """(name, doc, reader) of the CUDA allocator gauges; none unless this process uses CUDA."""
+    import sys
+
+    torch = sys.modules.get("torch")  # the engine imported it; a CPU-only process never inits CUDA
+    if torch is None or not torch.cuda.is_initialized():
+        return []
+    cuda = torch.cuda
+    return [
+        ("gpu_memory_allocated_bytes", "CUDA memory held by tensors now", cuda.memory_allocated),
+        ("gpu_memory_reserved_bytes", "CUDA memory reserved by PyTorch's allocator now",
+         cuda.memory_reserved),
+        ("gpu_memory_max_allocated_bytes", "Peak CUDA memory held by tensors",
+         cuda.max_memory_allocated),
+        ("gpu_memory_max_reserved_bytes", "Peak CUDA memory reserved by PyTorch's allocator",
+         cuda.max_memory_reserved),
+    ]
 
 
 class RequestTimer:

@@ -45,7 +45,8 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     backend = ContiguousKVBackend(model.config.num_layers, 1)
     backend.set_step([0], [len(ids)])
     with torch.no_grad():
-        return model.compute_logits(model(ids, torch.arange(len(ids)), backend)).float()
+        return model.compute_logits(model(ids, torch.arange(len(ids), device=ids.device),
+                                            backend)).float()
 
 
 def _unfinalized(folder: Path, dtype: torch.dtype = torch.float32):
