@@ -7,11 +7,13 @@
 #   serving  api_server with AWQ int4 + KV int8 under --max-gpu-memory 8: 32 concurrent requests
 #            of 2,000 prompt tokens; peak memory from its /metrics (PyTorch) and nvidia-smi
 #   c)       bench throughput, max batch 256, 1000 x 512 / 256 (ratio 0.5): KV none / int8 / int4
-# Every step has a timeout, cut to what is left of BUDGET_S; the table is printed last.
+# Every step has a timeout, cut to what is left of BUDGET_S; the table is printed last and
+# rewritten after every step (a run cut short still leaves the figures of the steps it finished).
 # $OUT gets three files: quant.log, quant_results.json, quant_summary.md.
 #   device run (the api_server's wheels in .whl/):  bash benchmarks/gpu_quant_suite.sh
 #   CPU dry run:  SMALL=1 MODEL=tiny-model-dir PYTHON=.venv/bin/python WHEELS= bash <this file>
 set -o pipefail
+START=$(date +%s)
 export PYTHONPATH=. HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PYTHON=${PYTHON:-python3}
 WHEELS=${WHEELS-.whl}
@@ -23,13 +25,12 @@ if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
 fi
 OUT=${OUT:-benchmarks/results/local}
 MODEL=${MODEL:-benchmarks/configs/internlm2-chat-1_8b}
-BUDGET_S=${BUDGET_S:-530}
+BUDGET_S=${BUDGET_S:-550}  # from the start, wheels included: leaves room under a 600 s call
 PORT=${PORT:-23391}
 RAW=$(mktemp -d)
 LOG="$OUT/quant.log"
 mkdir -p "$OUT"
-: >"$LOG"
-START=$(date +%s)
+echo "PYTHONPATH=$PYTHONPATH" >"$LOG"
 if [ -n "$SMALL" ]; then  # the CPU dry run: a tiny model, tiny sizes, no cap (CUDA only)
     DTYPE=float32
     LAT=(--input-len 32 --output-len 16 --num-iters 1)

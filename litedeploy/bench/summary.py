@@ -136,7 +136,9 @@ def quant_rows(raw: dict) -> list[tuple[str, str, str]]:
             rows.append((what, _tput(result), note))
     rows += _serving_rows(raw)
     for step in raw.get("steps", []):
-        if step["rc"] != 0:
+        if step["rc"] == 124 and step["seconds"] == 0:
+            rows.append((f"step {step['name']}", "skipped: the time budget was spent", ""))
+        elif step["rc"] != 0:
             rows.append((f"step {step['name']}",
                          f"FAILED (exit {step['rc']}, {step['seconds']} s)", "see quant.log"))
     return rows
