@@ -65,13 +65,10 @@ class CacheShape:
         return self.num_tokens * self.bytes_per_token / 2**30
 
 
-def available_memory_bytes(device: torch.device, cap_bytes: int | None = None) -> int:
-    """Free device memory; under a cap (CUDA) what the cap leaves beside PyTorch's reserved pool."""
+def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        if cap_bytes is not None:
-            free = min(free, cap_bytes - torch.cuda.memory_reserved(device))
-        return max(0, free)
+        return free
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -80,6 +77,14 @@ def available_memory_bytes(device: torch.device, cap_bytes: int | None = None) -
     except OSError:
         pass
     return 4 * 2**30  # unknown platform: assume a modest 4 GiB
+
+
+def free_memory_bytes(device: torch.device, cap_bytes: int | None) -> int:
+    """Free memory; under a cap (CUDA) no more than the cap leaves beside PyTorch's reserved pool."""
+    free = available_memory_bytes(device)
+    if cap_bytes is not None:
+        free = min(free, cap_bytes - torch.cuda.memory_reserved(device))
+    return max(0, free)
 
 
 def plan_cache(
@@ -98,7 +103,7 @@ def plan_cache(
             _check_fits(num_tokens * shape.bytes_per_token, cap_bytes, device,
                         f"--cache-max-tokens {num_tokens}")
     else:
-        free_bytes = available_memory_bytes(device, cap_bytes)
+        free_bytes = free_memory_bytes(device, cap_bytes)
         budget = free_bytes * cache_config.cache_max_entry_count
         num_tokens = min(int(budget // shape.bytes_per_token), max_useful_tokens)
         cap_note = "" if cap_bytes is None else (
@@ -121,7 +126,7 @@ def _cap_bytes(cache_config: CacheConfig, device: torch.device) -> int | None:
 
 
 def _check_fits(need_bytes: float, cap_bytes: int, device: torch.device, what: str) -> None:
-    free = available_memory_bytes(device, cap_bytes)
+    free = free_memory_bytes(device, cap_bytes)
     if need_bytes > free:
         used = torch.cuda.memory_reserved(device)
         raise ModelLoadError(
