@@ -188,6 +188,8 @@ class EngineConfig:
     # decode steps run back to back on the device between two host syncs (engine/multi_step.py);
     # None = 8 on CUDA (hides the host's per-step work), 1 on CPU (tokens stream one by one)
     num_scheduler_steps: int | None = None
+    # a busy batch (over half full) admits waiting requests every this many decode steps
+    prefill_interval: int = 16
 
     def validate(self) -> None:
         """Refuse settings this version cannot honour, instead of silently ignoring them."""

@@ -51,7 +51,7 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(
             self.block_manager, config.max_batch_size, config.max_prefill_token_num,
-            self.session_len,
+            self.session_len, config.prefill_interval,
         )
         runner_kwargs = dict(max_batch_size=config.max_batch_size,
                              max_context_len=self.session_len, eager_mode=config.eager_mode)
@@ -170,9 +170,11 @@ class LLMEngine:
         steps = self.num_scheduler_steps
         if steps <= 1 or not hasattr(self.runner, "run_burst"):
             return 1
-        # admissions wait for a burst to end: only when nobody waits or nobody could enter
-        if self.scheduler.num_waiting and self.scheduler.num_running < self.config.max_batch_size:
+        # admissions wait for a burst to end: burst only while none is due, and not past it
+        if self.scheduler.admission_due():
             return 1
+        if self.scheduler.num_waiting:
+            steps = min(steps, self.scheduler.steps_until_admission() + 1)
         num_missing_blocks = 0
         for item in batch.scheduled:
             seq = item.seq
@@ -198,6 +200,7 @@ class LLMEngine:
             logger.exception("engine step failed")
             return self._fail_batch(seqs, exc)
         self.num_burst_steps += num_steps
+        self.scheduler.count_decode_steps(num_steps - 1)  # schedule() counted the first
         column = {seq.seq_id: index for index, seq in enumerate(seqs)}
         outputs = []
         for tokens in token_rows:

@@ -50,6 +50,7 @@ class Scheduler:
         max_batch_size: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        prefill_interval: int = 16,
     ):
         for name, value in [
             ("max_batch_size", max_batch_size),
@@ -62,6 +63,8 @@ class Scheduler:
         self.max_batch_size = max_batch_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.prefill_interval = prefill_interval
+        self._steps_since_admission = 0  # decode steps run while someone waited
         self.waiting: deque[Sequence] = deque()  # FCFS; preempted sequences go to the front
         self.running: list[Sequence] = []  # sorted by arrival_index
         self._unfinished: dict[int, Sequence] = {}  # seq_id -> seq, waiting or running
@@ -113,12 +116,36 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------------------
 
+    def admission_due(self) -> bool:
+        """Whether waiting sequences may enter now (lmdeploy's prefill policy).
+
+        At once while the batch is less than half full (latency); once it is busier, only every
+        `prefill_interval` decode steps, so the prompts that queued meanwhile are prefilled
+        together in one big step instead of one by one in many small mixed steps, each of which
+        runs eagerly and breaks a run of graph-replayed decode steps (throughput).
+        """
+        if not self.waiting or len(self.running) >= self.max_batch_size:
+            return False
+        return (2 * len(self.running) < self.max_batch_size
+                or self._steps_since_admission >= self.prefill_interval)
+
+    def count_decode_steps(self, num_steps: int) -> None:
+        """Decode steps that ran without going through schedule() (multi-step bursts)."""
+        if self.waiting:
+            self._steps_since_admission += num_steps
+
+    def steps_until_admission(self) -> int:
+        return max(0, self.prefill_interval - self._steps_since_admission)
+
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput(scheduled=[], preempted=[])
         budget = self._schedule_running(output, self.max_num_batched_tokens)
         # after a preemption blocks are short: admitting now would only preempt again
-        if not output.preempted:
+        if not output.preempted and self.admission_due():
             self._schedule_waiting(output, budget)
+            self._steps_since_admission = 0
+        else:
+            self.count_decode_steps(1)
         return output
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:

@@ -63,6 +63,8 @@ REGIMES = {
     "multi-step": dict(num_scheduler_steps=4),
     "multi-step+preemption+prefix": dict(num_scheduler_steps=5, cache_max_tokens=160,
                                          enable_prefix_caching=True),
+    # over half full: admissions gather for prefill_interval steps while bursts run
+    "multi-step+busy-batch": dict(num_scheduler_steps=4, max_batch_size=4, prefill_interval=3),
 }
 
 

@@ -27,9 +27,11 @@ def make_scheduler(
     max_num_batched_tokens: int = 64,
     max_model_len: int = 64,
     enable_prefix_caching: bool = False,
+    prefill_interval: int = 0,  # 0: admit whenever there is room (the policy has its own test)
 ) -> Scheduler:
     block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-    return Scheduler(block_manager, max_batch_size, max_num_batched_tokens, max_model_len)
+    return Scheduler(block_manager, max_batch_size, max_num_batched_tokens, max_model_len,
+                     prefill_interval)
 
 
 def step(scheduler: Scheduler, next_token: int = 99) -> SchedulerOutput:
@@ -97,6 +99,28 @@ def test_max_batch_size_limits_the_sequences_per_step() -> None:
     assert plan(step(scheduler)) == [(seqs[0].seq_id, 2), (seqs[1].seq_id, 2)]
     assert seqs[0].is_finished and seqs[2].status is SequenceStatus.WAITING
     assert plan(step(scheduler)) == [(seqs[1].seq_id, 1), (seqs[2].seq_id, 2)]
+
+
+def test_busy_batch_admits_every_prefill_interval_steps() -> None:
+    """Under half full: admitted at once. Over half full: waiting prompts gather for
+    prefill_interval decode steps, then enter together in one step."""
+    scheduler = make_scheduler(num_blocks=64, max_batch_size=4, prefill_interval=3)
+    first = make_seq(2, max_new_tokens=30)
+    scheduler.add(first)
+    step(scheduler)
+    second = make_seq(2, max_new_tokens=30)
+    scheduler.add(second)  # 1 running of 4: under half full
+    assert second.seq_id in [sid for sid, _ in plan(step(scheduler))]
+    late = [make_seq(2, max_new_tokens=30), make_seq(3, max_new_tokens=30)]
+    for seq in late:
+        scheduler.add(seq)  # 2 running of 4: busy, so they wait
+    waited = 0
+    while late[0].status is SequenceStatus.WAITING:
+        output = step(scheduler)
+        waited += 1
+        assert waited <= 4
+    assert waited == 4 and scheduler.prefill_interval == 3  # 3 decode steps, then admission
+    assert plan(output)[-2:] == [(late[0].seq_id, 2), (late[1].seq_id, 3)]  # together
 
 
 def test_preempts_the_newest_and_recomputes_it_with_its_generated_tokens() -> None:
