@@ -25,6 +25,9 @@ step "bench throughput"
 timeout 120 python3 -m litedeploy bench throughput "$MODEL" "${COMMON[@]}" --max-batch-size 256 \
     --num-prompts 1000 --input-len 512 --output-len 256 --random-range-ratio 0.5 \
     --output-json "$OUT/throughput.json" >>"$LOG" 2>&1 || echo "throughput FAILED" | tee -a "$LOG"
+step "throughput step timeline (where a throughput run's time goes)"
+timeout 150 python3 -m litedeploy.bench.step_timeline "$MODEL" --variant default \
+    --output-json "$OUT/timeline.json" 2>&1 | grep -E "^\||^##" | tee -a "$LOG"
 step "ttft, prefix caching, profile"
 timeout 120 python3 -m litedeploy.bench.gpu_extras "$MODEL" --output-json "$OUT/extras.json" >>"$LOG" 2>&1 \
     || echo "extras FAILED" | tee -a "$LOG"
