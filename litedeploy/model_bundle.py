@@ -11,7 +11,7 @@ import torch
 
 from litedeploy.chat.template import ChatTemplate
 from litedeploy.config import EngineConfig, ModelConfig
-from litedeploy.loader.model_loader import ModelSource, load_model, open_source
+from litedeploy.loader.model_loader import ModelSource, load_model, open_source, resolve_device
 from litedeploy.models.decoder import DecoderForCausalLM
 from litedeploy.tokenizer import HF_TOKENIZER_FILES, Tokenizer
 
@@ -49,10 +49,12 @@ def resolve_model_path(model_path: str | None) -> str:
 
 def load_bundle(model_path: str | None, config: EngineConfig) -> ModelBundle:
     source = open_source(resolve_model_path(model_path))
+    device = resolve_device(config.device)
+    on_cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated(device) if on_cuda else 0
     model, model_config = load_model(source, config.dtype, config.device, config.load_format,
                                      config.model_format, config.max_gpu_memory)
-    device = next(model.parameters()).device
-    weights_allocated = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    weights_allocated = torch.cuda.memory_allocated(device) - before if on_cuda else None
     tokenizer = template = None
     if config.load_format != "dummy" or _has_tokenizer(source):
         tokenizer = _load_tokenizer(source)
