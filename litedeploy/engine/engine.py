@@ -180,7 +180,9 @@ class LLMEngine:
             seq = item.seq
             if item.num_new_tokens != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
                 return 1  # a prefill chunk: not a plain decode batch
-            steps = min(steps, seq.max_new_tokens - seq.num_generated_tokens)
+            # a sequence may reach max_new_tokens inside the burst (the rest of its tokens
+            # are dropped), but no position may pass the session length
+            steps = min(steps, self.session_len - seq.num_tokens + 1)
             if steps <= 1 or not row_can_burst(self._sampling_row(seq)):
                 return 1
         for item in batch.scheduled:
