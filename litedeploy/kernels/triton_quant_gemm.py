@@ -7,6 +7,8 @@ memory as 4 (or 8) bits: decode is bandwidth bound, hence the speed-up over 16-b
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -14,32 +16,41 @@ import triton.language as tl
 
 @triton.jit
 def _awq_gemm_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, group_size,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, group_size, k_per_split,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
     # column c of a group of 8 sits in nibble AWQ_ORDER.index(c): shifts (0,16,4,20,8,24,12,28)
     col = offs_n % 8
     shifts = ((col // 2) + (col % 2) * 4) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        mask_w = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        mask_w = (offs_k[:, None] < K) & n_mask[None, :]
         packed = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + (offs_n[None, :] // 8),
                          mask=mask_w, other=0)
         q = ((packed >> shifts[None, :]) & 0xF).to(tl.float32)
-        group = offs_k // group_size
-        scale = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=mask_w, other=0.0)
-        zero = tl.load(zeros_ptr + group[:, None] * N + offs_n[None, :], mask=mask_w, other=0.0)
-        w = ((q - zero) * scale.to(tl.float32)).to(x.dtype)
+        # BLOCK_K divides group_size: the whole K tile shares one row of scales and zeros
+        group = k0 // group_size
+        scale = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        w = ((q - zero[None, :]) * scale[None, :]).to(x.dtype)
         acc += tl.dot(x, w)
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    out_mask = (offs_m[:, None] < M) & n_mask[None, :]
+    out_offsets = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:  # partial sums over K slices meet in a float32 buffer
+        tl.atomic_add(out_ptr + out_offsets, acc, mask=out_mask)
 
 
 @triton.jit
@@ -81,14 +92,32 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     x = x.contiguous()
     num_rows, k_dim = x.shape
     n_dim = qweight.shape[1] * 8
-    out = torch.empty(num_rows, n_dim, dtype=x.dtype, device=x.device)
     block_m, block_n, block_k = _blocks(num_rows)
     block_k = min(block_k, group_size)  # one group per K tile keeps the scale loads simple
-    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n_dim, block_n))
+    num_tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(n_dim, block_n)
+    split_k = 1
+    if num_rows <= 16:
+        # decode: a 2048-wide output is only 32 tiles, far from filling the GPU; slices of K
+        # in parallel make enough programs to stream the packed weights at full bandwidth
+        split_k = max(1, min(k_dim // block_k, triton.cdiv(2 * _num_sms(x.device), num_tiles)))
+    k_per_split = triton.cdiv(triton.cdiv(k_dim, split_k), block_k) * block_k
+    split_k = triton.cdiv(k_dim, k_per_split)
+    if split_k > 1:
+        out = torch.zeros(num_rows, n_dim, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(num_rows, n_dim, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(n_dim, block_n), split_k)
     _awq_gemm_kernel[grid](x, qweight, scales, zeros, out, num_rows, n_dim, k_dim, group_size,
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                           num_warps=4, num_stages=2)  # fits consumer GPUs' shared memory
-    return out
+                           k_per_split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                           SPLIT_K=split_k, num_warps=4, num_stages=2)
+    return out.to(x.dtype) if split_k > 1 else out
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # Triton's interpreter on CPU: behave like an H100
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,8 @@ def gpu_memory_cap_bytes(max_gpu_memory: float | None, device: torch.device) -> 
 def set_gpu_memory_cap(cap_bytes: int, device: torch.device) -> None:
     """Cap PyTorch's CUDA allocator for this process (before any weight exists)."""
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(cap_bytes / total, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(cap_bytes / total, index)
     logger.info("GPU memory capped at %.2f GiB of the device's %.2f GiB (--max-gpu-memory)",
                 cap_bytes / 2**30, total / 2**30)
 
