@@ -59,6 +59,8 @@ summarize() { $PYTHON -m litedeploy.bench.summary --quant "$RAW" "$OUT" >/dev/nu
 step() {
     local name=$1 secs=$2 left t0 rc
     shift 2
+    # STEPS="gpu serving": run only the named steps (a re-run of some figures)
+    if [ -n "$STEPS" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
     left=$((BUDGET_S - ($(date +%s) - START)))
     ((secs > left)) && secs=$left
     if ((secs < 20)); then
