@@ -11,6 +11,8 @@ import itertools
 import logging
 import random
 
+import torch
+
 from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine.block_manager import BlockManager
 from litedeploy.engine.detokenizer import IncrementalDetokenizer
@@ -22,7 +24,7 @@ from litedeploy.engine.request import RequestOutput, RequestState
 from litedeploy.engine.sampler import SampledToken, Sampler
 from litedeploy.engine.scheduler import Scheduler, SchedulerOutput
 from litedeploy.engine.sequence import Sequence
-from litedeploy.errors import RequestError
+from litedeploy.errors import ModelLoadError, RequestError
 from litedeploy.model_bundle import ModelBundle, load_bundle, resolve_model_path
 from litedeploy.reference_generation import sampling_row
 
@@ -39,8 +41,15 @@ class LLMEngine:
         self.device = bundle.device
         self.session_len = config.session_len or self.model_config.max_position_embeddings
         if self.device.type == "cuda":  # activations first, so the cache gets what is left
-            warm_up_model(bundle.model, min(config.max_prefill_token_num, self.session_len),
-                          config.max_batch_size, config.cache_block_seq_len, self.device)
+            num_tokens = min(config.max_prefill_token_num, self.session_len)
+            try:
+                warm_up_model(bundle.model, num_tokens, config.max_batch_size,
+                              config.cache_block_seq_len, self.device)
+            except torch.OutOfMemoryError as exc:
+                raise ModelLoadError(
+                    f"a {num_tokens}-token prefill does not fit in GPU memory next to the "
+                    "weights: lower --max-prefill-token-num or --max-batch-size, or raise "
+                    "--max-gpu-memory") from exc
         cache_shape = plan_cache(
             self.model_config, config.cache_config(), bundle.dtype, self.device,
             max_useful_tokens=config.max_batch_size * self.session_len,
