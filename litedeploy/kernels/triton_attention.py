@@ -18,13 +18,18 @@ _LOG2_E = 1.4426950408889634
 
 @triton.jit
 def _load_dequantized(cache_head_ptr, sz_head_ptr, slots, dims, key_mask, kv_mask,
-                      stride_cache_slot, stride_sz_slot, QUANT_BITS: tl.constexpr):
+                      stride_cache_slot, stride_sz_slot, QUANT_BITS: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """[BLOCK_N, BLOCK_D] float32 K or V of `slots` from uint8 codes (int4: two per byte, low
     nibble first) and the per-slot scale and zero; masked keys and dims come out as 0."""
     rows = slots[:, None] * stride_cache_slot
     if QUANT_BITS == 4:
-        packed = tl.load(cache_head_ptr + rows + dims[None, :] // 2, mask=kv_mask, other=0)
-        codes = (packed.to(tl.int32) >> ((dims[None, :] % 2) * 4)) & 0xF
+        # each byte read once, contiguous: element 2j is the low nibble, 2j + 1 the high one
+        half = tl.arange(0, BLOCK_D // 2)
+        half_mask = key_mask[:, None] & (half[None, :] < HEAD_DIM // 2)
+        packed = tl.load(cache_head_ptr + rows + half[None, :], mask=half_mask, other=0)
+        packed = packed.to(tl.int32)
+        codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (slots.shape[0], BLOCK_D))
     else:
         codes = tl.load(cache_head_ptr + rows + dims[None, :], mask=kv_mask, other=0).to(tl.int32)
     scale = tl.load(sz_head_ptr + slots * stride_sz_slot, mask=key_mask, other=0.0)
@@ -88,7 +93,8 @@ def _decode_kernel(
             k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         else:
             k = _load_dequantized(k_head_ptr, k_sz_head_ptr, slots, dims, key_mask, kv_mask,
-                                  stride_cache_slot, stride_sz_slot, QUANT_BITS)
+                                  stride_cache_slot, stride_sz_slot, QUANT_BITS, HEAD_DIM,
+                                  BLOCK_D)
         scores = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2  # [BLOCK_G, BLOCK_N]
         scores = tl.where(key_mask[None, :], scores, float("-inf"))
         new_max = tl.maximum(max_score, tl.max(scores, axis=1))
@@ -98,7 +104,8 @@ def _decode_kernel(
             v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0)
         else:
             v = _load_dequantized(v_head_ptr, v_sz_head_ptr, slots, dims, key_mask, kv_mask,
-                                  stride_cache_slot, stride_sz_slot, QUANT_BITS)
+                                  stride_cache_slot, stride_sz_slot, QUANT_BITS, HEAD_DIM,
+                                  BLOCK_D)
         denom = denom * rescale + tl.sum(probs, axis=1)
         acc = acc * rescale[:, None] + tl.dot(probs.to(q.dtype), v.to(q.dtype))
         max_score = new_max
@@ -201,7 +208,8 @@ def _prefill_kernel(
             k = tl.load(k_head_ptr + kv_offsets, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         else:
             k = _load_dequantized(k_head_ptr, k_sz_head_ptr, slots, dims, key_mask, kv_mask,
-                                  stride_cache_slot, stride_sz_slot, QUANT_BITS)
+                                  stride_cache_slot, stride_sz_slot, QUANT_BITS, HEAD_DIM,
+                                  BLOCK_D)
         scores = tl.dot(q, tl.trans(k.to(q.dtype))) * qk_scale_log2  # [BLOCK_M, BLOCK_N]
         visible = key_mask[None, :] & (keys[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
@@ -214,7 +222,8 @@ def _prefill_kernel(
             v = tl.load(v_head_ptr + kv_offsets, mask=kv_mask, other=0.0)
         else:
             v = _load_dequantized(v_head_ptr, v_sz_head_ptr, slots, dims, key_mask, kv_mask,
-                                  stride_cache_slot, stride_sz_slot, QUANT_BITS)
+                                  stride_cache_slot, stride_sz_slot, QUANT_BITS, HEAD_DIM,
+                                  BLOCK_D)
         denom = denom * rescale + tl.sum(probs, axis=1)
         acc = acc * rescale[:, None] + tl.dot(probs.to(q.dtype), v.to(q.dtype))
         max_score = new_max

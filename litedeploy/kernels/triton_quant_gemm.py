@@ -15,6 +15,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _unpack_awq(packed, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_K, BLOCK_N // 8] int32 -> [BLOCK_K, BLOCK_N] codes 0..15, each int32 read once.
+    Column c of a group of 8 sits in nibble AWQ_ORDER.index(c): shifts (0,16,4,20,8,24,12,28)."""
+    col = tl.arange(0, 8)
+    shifts = ((col // 2) + (col % 2) * 4) * 4
+    codes = (packed[:, :, None] >> shifts[None, None, :]) & 0xF
+    return tl.reshape(codes, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
 def _awq_gemm_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, group_size, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -24,10 +34,8 @@ def _awq_gemm_kernel(
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n8 = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
     n_mask = offs_n < N
-    # column c of a group of 8 sits in nibble AWQ_ORDER.index(c): shifts (0,16,4,20,8,24,12,28)
-    col = offs_n % 8
-    shifts = ((col // 2) + (col % 2) * 4) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
@@ -35,10 +43,9 @@ def _awq_gemm_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        mask_w = (offs_k[:, None] < K) & n_mask[None, :]
-        packed = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + (offs_n[None, :] // 8),
-                         mask=mask_w, other=0)
-        q = ((packed >> shifts[None, :]) & 0xF).to(tl.float32)
+        packed = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + offs_n8[None, :],
+                         mask=(offs_k[:, None] < K) & (offs_n8[None, :] < N // 8), other=0)
+        q = _unpack_awq(packed, BLOCK_K, BLOCK_N).to(tl.float32)
         # BLOCK_K divides group_size: the whole K tile shares one row of scales and zeros
         group = k0 // group_size
         scale = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -51,6 +58,25 @@ def _awq_gemm_kernel(
         tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:  # partial sums over K slices meet in a float32 buffer
         tl.atomic_add(out_ptr + out_offsets, acc, mask=out_mask)
+
+
+@triton.jit
+def _awq_dequant_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, group_size,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Unpack and dequantize a [BLOCK_K, BLOCK_N] tile of W [K, N] (input dtype of out)."""
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n8 = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
+    packed = tl.load(qweight_ptr + offs_k[:, None] * (N // 8) + offs_n8[None, :],
+                     mask=(offs_k[:, None] < K) & (offs_n8[None, :] < N // 8), other=0)
+    q = _unpack_awq(packed, BLOCK_K, BLOCK_N).to(tl.float32)
+    group = (tl.program_id(0) * BLOCK_K) // group_size  # BLOCK_K divides group_size
+    n_mask = offs_n < N
+    scale = tl.load(scales_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + group * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    w = (q - zero[None, :]) * scale[None, :]
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(offs_k[:, None] < K) & n_mask[None, :])
 
 
 @triton.jit
@@ -84,6 +110,24 @@ def _blocks(num_rows: int) -> tuple[int, int, int]:
     return 64, 128, 64
 
 
+# from this many rows on, dequantizing W once and calling cuBLAS beats the fused kernel: the
+# weight's unpack is then paid once per step, not once per 64-row tile
+DEQUANT_MIN_ROWS = 64
+
+
+def awq_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [K, N] in dtype from the AWQ tensors."""
+    k_dim, n_dim = qweight.shape[0], qweight.shape[1] * 8
+    out = torch.empty(k_dim, n_dim, dtype=dtype, device=qweight.device)
+    block_k, block_n = 32, 128
+    assert group_size % block_k == 0, f"group size {group_size} is not a multiple of {block_k}"
+    grid = (triton.cdiv(k_dim, block_k), triton.cdiv(n_dim, block_n))
+    _awq_dequant_kernel[grid](qweight, scales, zeros, out, n_dim, k_dim, group_size,
+                              BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
 def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
              group_size: int) -> torch.Tensor:
     """x [M, K] fp16/bf16, qweight int32 [K, N/8] (AWQ order), scales/zeros [K/G, N] -> [M, N]."""
@@ -91,6 +135,8 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         return awq_gemm(x.to(torch.bfloat16), qweight, scales, zeros, group_size).float()
     x = x.contiguous()
     num_rows, k_dim = x.shape
+    if num_rows >= DEQUANT_MIN_ROWS and group_size % 32 == 0:
+        return x @ awq_dequantize(qweight, scales, zeros, group_size, x.dtype)
     n_dim = qweight.shape[1] * 8
     block_m, block_n, block_k = _blocks(num_rows)
     block_k = min(block_k, group_size)  # one group per K tile keeps the scale loads simple

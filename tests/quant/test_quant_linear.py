@@ -136,7 +136,7 @@ def test_group_size_must_divide_input_features():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("num_tokens", [1, 5, 64])
+@pytest.mark.parametrize("num_tokens", [1, 5, 17, 64, 100])
 def test_triton_kernels_match_dequantized_reference(num_tokens):
     pytest.importorskip("triton")
     weight, x = _data(out_features=384, in_features=1024, tokens=num_tokens)
