@@ -194,3 +194,27 @@ def gguf_blocks_to_rows(type_name: str, raw: torch.Tensor) -> dict[str, torch.Te
 
 def _fp16(two_bytes: torch.Tensor) -> torch.Tensor:
     return two_bytes.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def quantize_linears(model: nn.Module, kind: str = "int8") -> int:
+    """Quantize-on-load from float weights: every nn.Linear inside the decoder layers becomes an
+    Int8Linear (symmetric per output channel) holding its weights, ready for this device's
+    kernel. The embedding and LM head stay as they are. Returns how many were replaced."""
+    if kind != "int8":
+        raise ValueError(f"quantize_linears supports int8, got {kind!r}")
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and ".layers." in name]
+    with torch.no_grad():
+        for name, linear in targets:
+            parent_name, _, child = name.rpartition(".")
+            out_features, in_features = linear.weight.shape
+            new = Int8Linear(in_features, out_features, linear.bias is not None)
+            new.to(linear.weight.device)
+            codes, scales = quantize_int8(linear.weight)
+            new.weight.copy_(codes)
+            new.scales.copy_(scales)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
+            new.finalize()
+            setattr(model.get_submodule(parent_name), child, new)
+    return len(targets)
