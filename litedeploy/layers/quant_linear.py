@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 _CPU_INT4_GROUPS = (32, 64, 128, 256)
+# PyTorch's CPU weight-only kernels (bfloat16 activations); None where this build lacks them
+_INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+_INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
 
 
 def _has_op(name: str) -> bool:
@@ -160,12 +163,14 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "cpu" and x.dim() == 2:
+            return self._cpu_forward_2d(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.mode == "cpu":
-            out = torch.ops.aten._weight_int8pack_mm(
-                x2.to(torch.bfloat16), self.weight, self.scales_bf16).to(x.dtype)
-        elif self.mode == "triton":
+            out = self._cpu_forward_2d(x2)
+            return out.reshape(*shape[:-1], self.out_features)
+        if self.mode == "triton":
             from litedeploy.kernels.triton_quant_gemm import int8_gemm
 
             out = int8_gemm(x2, self.weight, self.scales)
@@ -174,6 +179,13 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*shape[:-1], self.out_features)
+
+    def _cpu_forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        # as few ops as possible: at batch 1 the kernel itself takes ~20-50 us, each extra op ~1-2
+        out = _INT8_MM(x.to(torch.bfloat16), self.weight, self.scales_bf16)
+        if x.dtype != torch.bfloat16:
+            out = out.to(x.dtype)
+        return out if self.bias is None else out.add_(self.bias.to(out.dtype))
 
 
 class Int4Linear(nn.Module):
@@ -223,13 +235,14 @@ class Int4Linear(nn.Module):
         return packed, scale_and_zero.contiguous().to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "cpu" and x.dim() == 2:
+            return self._cpu_forward_2d(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.mode == "cpu":
-            packed, scale_and_zero = self.kernel_tensors
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16), packed, self.group_size, scale_and_zero).to(x.dtype)
-        elif self.mode == "triton":
+            out = self._cpu_forward_2d(x2)
+            return out.reshape(*shape[:-1], self.out_features)
+        if self.mode == "triton":
             from litedeploy.kernels.triton_quant_gemm import awq_gemm
 
             out = awq_gemm(x2, *self.kernel_tensors, self.group_size)
@@ -238,6 +251,14 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*shape[:-1], self.out_features)
+
+    def _cpu_forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        # as few ops as possible: at batch 1 the kernel itself takes ~15-50 us, each extra op ~1-2
+        packed, scale_and_zero = self.kernel_tensors
+        out = _INT4_MM(x.to(torch.bfloat16), packed, self.group_size, scale_and_zero)
+        if x.dtype != torch.bfloat16:
+            out = out.to(x.dtype)
+        return out if self.bias is None else out.add_(self.bias.to(out.dtype))
 
 
 # AWQ checkpoints load into the same module (awq.py converts their packing to the row form)
