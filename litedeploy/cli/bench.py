@@ -40,6 +40,16 @@ def add_parser(subparsers) -> None:
                               "weights in the same process")
     latency.add_argument("--hf-static-compiled", action="store_true",
                          help="with --compare-hf: also transformers' static cache, compiled")
+    latency.add_argument("--cpu-compiled-decode", action="store_true",
+                         help="CPU: run batch-1 decode steps through the torch.compile'd step "
+                              "(compiled at start, ~10 s with a warm Inductor cache, minutes "
+                              "without)")
+    latency.add_argument("--compare-llama-cpp", action="store_true",
+                         help="also run llama.cpp (llama-cpp-python, installed separately) on the "
+                              "same GGUF file and prompt in the same process; batch 1")
+    latency.add_argument("--llama-cpp-threads", type=int, default=None,
+                         help="with --compare-llama-cpp: llama.cpp's threads (default: as many "
+                              "as torch uses)")
     latency.set_defaults(run=run_latency)
 
     from litedeploy.cli.bench_serving import add_serving_parser
@@ -78,13 +88,41 @@ def run_latency(args: argparse.Namespace) -> int:
     from litedeploy.bench.latency import run_latency as bench
 
     engine = _engine(args)
+    compiled = None
+    if args.cpu_compiled_decode:
+        from litedeploy.engine.cpu_compiled_decode import enable_compiled_cpu_decode
+
+        compiled = enable_compiled_cpu_decode(engine)
     ours = bench(engine, args.batch_size, args.input_len, args.output_len, args.num_iters)
+    if compiled is not None:
+        ours["cpu_compiled_decode_compile_s"] = compiled.compile_seconds
     result = {"model": engine.bundle.name, "dtype": str(engine.bundle.dtype), "litedeploy": ours}
     write_json(result, args.output_json)  # ours are saved even if a baseline fails below
     if args.compare_hf:
         _compare_hf(args, engine, ours, result)
+    if args.compare_llama_cpp:
+        _compare_llama_cpp(args, engine, ours, result)
     write_json(result, args.output_json)
     return 0
+
+
+def _compare_llama_cpp(args: argparse.Namespace, engine, ours: dict, result: dict) -> None:
+    import torch
+
+    from litedeploy.bench.llama_cpp_baseline import run_llama_cpp_latency
+    from litedeploy.model_bundle import resolve_model_path
+
+    if args.batch_size != 1:
+        raise SystemExit("--compare-llama-cpp measures batch 1 only; use --batch-size 1")
+    path = resolve_model_path(args.model_path)
+    if not path.endswith(".gguf"):
+        raise SystemExit(f"--compare-llama-cpp needs a .gguf model, got {path}")
+    threads = args.llama_cpp_threads or torch.get_num_threads()
+    theirs = run_llama_cpp_latency(path, args.input_len, args.output_len, threads,
+                                   args.num_iters, engine.model_config.vocab_size)
+    result["llama_cpp"] = theirs
+    result["decode_ratio_vs_llama_cpp"] = (
+        ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"])
 
 
 def _compare_hf(args: argparse.Namespace, engine, ours: dict, result: dict) -> None:
