@@ -69,6 +69,13 @@ def _decode_step(model: DecoderForCausalLM, kv_cache: KVCache, input_ids: torch.
     return model.compute_logits(hidden)
 
 
+# Before each call the compiled step checks ~3000 guards on its ~370 input tensors (weights, KV
+# caches): ~0.9 ms of a ~9.5 ms step. Guarding whole modules by their dict tags (unchanged dict:
+# skip the subtree) halves that; the weights and caches are never reassigned after loading.
+_CHEAP_GUARDS = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True,
+                                           max_saved_pointers_for_recursive_dict_tags_check=4096)
+
+
 class CompiledCPUDecode:
     """Plugs into ModelRunner where the CUDA graphs go (`can_run(host)` / `run(host)`)."""
 
@@ -99,6 +106,7 @@ class CompiledCPUDecode:
         return self._run(host.input_ids, host.positions, host.rope_lens, host.slot_mapping,
                          host.block_tables[0], host.context_lens[0])
 
+    @_CHEAP_GUARDS
     def _run(self, input_ids: np.ndarray, positions: np.ndarray, rope_lens: np.ndarray,
              slot_mapping: np.ndarray, block_table: list[int], context_len: int) -> torch.Tensor:
         table = torch.tensor(block_table, dtype=torch.int64)
