@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from litedeploy.errors import ModelLoadError
 
@@ -225,6 +225,28 @@ class EngineConfig:
         )
 
 
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class GuidedDecoding:
+    """A constraint on the generated text, enforced by a grammar mask in the sampler.
+
+    spec by kind: json_schema -> the schema as a JSON string; json_object -> None (any JSON
+    object); regex -> the pattern; choice -> a JSON list of strings; grammar -> EBNF/lark text.
+    Frozen and hashable: (kind, spec) is the key of the compiled-grammar cache.
+    """
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+    spec: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDED_KINDS:
+            raise ValueError(f"guided kind must be one of {GUIDED_KINDS}, got {self.kind!r}")
+        if self.kind != "json_object" and not self.spec:
+            raise ValueError(f"guided kind {self.kind!r} needs a spec")
+
+
 @dataclass
 class GenerationConfig:
     """Per-request generation settings (lmdeploy's names and defaults)."""
@@ -246,6 +268,8 @@ class GenerationConfig:
     min_new_tokens: int | None = None
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    # structured output: a grammar the output must follow (None = unconstrained)
+    guided: GuidedDecoding | None = None
 
     def validate(self) -> None:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
