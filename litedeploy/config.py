@@ -268,12 +268,21 @@ class GenerationConfig:
     min_new_tokens: int | None = None
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    # logprobs of the prompt tokens (the first has none) with this many top alternatives;
+    # None = off. With it, max_new_tokens may be 0: prefill only (OpenAI's echo + max_tokens 0)
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     # structured output: a grammar the output must follow (None = unconstrained)
     guided: GuidedDecoding | None = None
 
     def validate(self) -> None:
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        min_new = 0 if self.prompt_logprobs is not None else 1  # 0: prompt logprobs only
+        if self.max_new_tokens is not None and self.max_new_tokens < min_new:
+            raise ValueError(f"max_new_tokens must be >= {min_new}, got {self.max_new_tokens}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
+        if self.logit_bias and not all(-100 <= v <= 100 for v in self.logit_bias.values()):
+            raise ValueError("logit_bias values must be in [-100, 100]")
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:

@@ -73,6 +73,7 @@ def sampling_row(gen: GenerationConfig, prompt: list[int], output: list[int],
         output_token_ids=output,
         suppressed_token_ids=sorted(stop_ids) if below_min else (),
         num_logprobs=gen.logprobs,
+        logit_bias=sorted((gen.logit_bias or {}).items()),
     )
 
 

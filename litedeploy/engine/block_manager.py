@@ -115,6 +115,8 @@ class BlockManager:
         self._cursors[seq.seq_id] = cursor
         # the block holding the last token is never reused (see the module docstring)
         num_candidate_blocks = (seq.num_tokens - 1) // self.block_size
+        if seq.skip_prefix_cache:  # it needs every prompt position computed (prompt logprobs)
+            num_candidate_blocks = 0
         for index in range(num_candidate_blocks):
             tokens = self._block_tokens(seq, index)
             key = hash_block_tokens(cursor.parent_hash, tokens)

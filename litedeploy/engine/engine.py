@@ -20,6 +20,7 @@ from litedeploy.engine.input_builder import build_host_inputs
 from litedeploy.engine.kv_cache import KVCache, plan_cache
 from litedeploy.engine.model_runner import ModelRunner, warm_up_model
 from litedeploy.engine.multi_step import resolve_num_steps, row_can_burst
+from litedeploy.engine.prompt_logprobs import check_request, run_batch, take_prompt_logprobs
 from litedeploy.engine.request import RequestOutput, RequestState
 from litedeploy.engine.sampler import SampledToken, Sampler
 from litedeploy.engine.scheduler import Scheduler, SchedulerOutput
@@ -112,7 +113,10 @@ class LLMEngine:
             raise RequestError("the prompt is empty: give at least one token")
         if max(prompt_ids) >= self.model_config.vocab_size or min(prompt_ids) < 0:
             raise RequestError(f"token ids must be in [0, {self.model_config.vocab_size})")
-        max_new = gen.max_new_tokens or max(1, self.session_len - len(prompt_ids))
+        check_request(gen, self.model_config.vocab_size, self.workers is not None)
+        # max_new_tokens 0 (prompt logprobs only) still runs the step that would sample one
+        max_new = 1 if gen.max_new_tokens == 0 else (
+            gen.max_new_tokens or max(1, self.session_len - len(prompt_ids)))
         stop_ids = frozenset() if gen.ignore_eos else frozenset(
             set(self.bundle.stop_token_ids) | set(gen.stop_token_ids or ()))
         detok = None
@@ -123,7 +127,7 @@ class LLMEngine:
             gen = dataclasses.replace(gen, random_seed=random.getrandbits(63))
         state = RequestState(request_id, gen, list(prompt_ids), stop_ids, detok)
         seq = Sequence(next(self._seq_ids), list(prompt_ids), len(prompt_ids), max_new,
-                       payload=state)
+                       payload=state, skip_prefix_cache=gen.prompt_logprobs is not None)
         self.scheduler.add(seq)  # raises RequestError when it can never fit
         self._requests[request_id] = seq
 
@@ -153,7 +157,7 @@ class LLMEngine:
         if num_steps > 1:
             return outputs + self._step_burst(batch, num_steps)
         try:
-            logits = self.runner.run(batch)
+            logits = run_batch(self.runner, batch)  # runner.run + any prompt logprobs
             ready = self.scheduler.update(batch)
             rows = [self._sampling_row(seq) for seq in ready]
             sampled = self.sampler(logits, rows) if ready else []
@@ -162,13 +166,17 @@ class LLMEngine:
             return outputs + self._fail_batch([item.seq for item in batch.scheduled], exc)
         for seq, token in zip(ready, sampled):
             state: RequestState = seq.payload
-            state.add_token(token, seq.max_new_tokens)
+            if state.gen.max_new_tokens == 0:  # prompt logprobs only: the token is dropped
+                state.finish_reason = "length"
+            else:
+                state.add_token(token, seq.max_new_tokens)
             if state.finish_reason is None:
                 seq.append_token(token.token_id)
             else:
                 self.scheduler.finish(seq)
                 self._requests.pop(state.request_id, None)
             outputs.append(state.take_output(seq.num_cached_tokens))
+            outputs[-1].prompt_logprobs = take_prompt_logprobs(state)
         if not self.scheduler.has_unfinished() and self.config.check_integrity:
             self.scheduler.check_integrity()
         return outputs
@@ -286,6 +294,8 @@ def _merge(total: RequestOutput, delta: RequestOutput) -> None:
     total.token_ids += delta.token_ids
     if delta.logprobs is not None:
         total.logprobs = (total.logprobs or []) + delta.logprobs
+    if delta.prompt_logprobs is not None:
+        total.prompt_logprobs = delta.prompt_logprobs
     total.finished, total.finish_reason = delta.finished, delta.finish_reason
     total.input_token_len, total.generate_token_len = delta.input_token_len, delta.generate_token_len
     total.num_cached_tokens, total.error = delta.num_cached_tokens, delta.error

@@ -70,11 +70,26 @@ class ModelRunner:
                                                    inputs.max_context_len)
         return torch.stack(steps).tolist()
 
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits of the rows in `inputs.logits_indices`, or of every row when it is None."""
+    @torch.inference_mode()
+    def run_keeping_rows(self, batch: SchedulerOutput,
+                         rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """run(), plus the final hidden states [len(rows), hidden] of these rows of the flat
+        batch (prompt logprobs, engine/prompt_logprobs.py). Always eager: such a batch holds a
+        prefill chunk, which no CUDA graph covers."""
+        inputs = to_device(build_host_inputs(batch, self.block_size), self.device)
+        hidden = self.hidden_states(inputs)
+        kept = hidden[torch.tensor(rows, dtype=torch.int64).to(hidden.device)]
+        return self.model.compute_logits(hidden[inputs.logits_indices]), kept
+
+    def hidden_states(self, inputs: StepInputs) -> torch.Tensor:
+        """The final-norm hidden states of every row: [num_tokens, hidden]."""
         backend = PagedKVBackend(self.kv_cache, inputs, self.scale)
         rope_lens = inputs.rope_lens if self.model.rotary.is_dynamic else None
-        hidden = self.model(inputs.input_ids, inputs.positions, backend, rope_lens)
+        return self.model(inputs.input_ids, inputs.positions, backend, rope_lens)
+
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits of the rows in `inputs.logits_indices`, or of every row when it is None."""
+        hidden = self.hidden_states(inputs)
         if inputs.logits_indices is not None:
             hidden = hidden[inputs.logits_indices]
         return self.model.compute_logits(hidden)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from litedeploy.config import GenerationConfig
 from litedeploy.engine.detokenizer import IncrementalDetokenizer
+from litedeploy.engine.prompt_logprobs import PromptLogprob
 from litedeploy.engine.sampler import SampledToken
 
 
@@ -23,6 +24,9 @@ class RequestOutput:
     generate_token_len: int
     num_cached_tokens: int = 0
     error: str | None = None
+    # with GenerationConfig.prompt_logprobs: one entry per prompt token (the first None), sent
+    # once, with the output of the first generated token (or the only one, for max_new_tokens 0)
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass
@@ -38,6 +42,7 @@ class RequestState:
     num_sent_tokens: int = 0
     pending_logprobs: list[SampledToken] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # filled chunk by chunk
 
     def add_token(self, sampled: SampledToken, max_new_tokens: int) -> None:
         """Account for one sampled token; sets finish_reason when the request is done."""

@@ -1,9 +1,10 @@
 """Batched token sampler: penalties, temperature, top-k/top-p/min-p, seeded draws, logprobs.
 
 Called once per step on the logits of the rows that must produce a token. Order of processing
-(all on float32): repetition penalty -> presence/frequency penalties -> suppressed ids -> (sampled
-rows only) temperature -> top-k -> top-p -> min-p -> exponential race. Greedy rows take the argmax
-after penalties and suppression, so they match HF `generate` with `repetition_penalty`.
+(all on float32): repetition penalty -> presence/frequency penalties -> logit bias -> suppressed
+ids -> (sampled rows only) temperature -> top-k -> top-p -> min-p -> exponential race. Greedy rows
+take the argmax after penalties, bias and suppression, so they match HF `generate` with
+`repetition_penalty`.
 
 Logprobs are the RAW model distribution, `log_softmax(logits)` before penalties, temperature and
 filters (vLLM's default "raw_logprobs"): they describe what the model thinks, not the sampler.
@@ -45,6 +46,7 @@ class SamplingRow:
     output_token_ids: Sequence[int] = ()
     suppressed_token_ids: Sequence[int] = ()  # logit -> -inf (stop ids before min_new_tokens)
     num_logprobs: int | None = None  # None = none; 0 = chosen token only; up to 20 top ones
+    logit_bias: Sequence[tuple[int, float]] = ()  # (token id, added to its logit), OpenAI's
 
     def __post_init__(self) -> None:
         if self.num_logprobs is not None and not 0 <= self.num_logprobs <= MAX_NUM_LOGPROBS:
@@ -154,6 +156,18 @@ def apply_penalties(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     return scores
 
 
+def apply_logit_bias(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Add each row's logit_bias to its scores, in place. scores: contiguous [num_rows, vocab]."""
+    rows_with = [i for i, r in enumerate(rows) if r.logit_bias]
+    if rows_with:
+        id_lists = [([token_id for token_id, _ in rows[i].logit_bias],) for i in rows_with]
+        flat = _flat_index(id_lists, rows_with, scores.shape[-1], scores.device)
+        biases = [bias for i in rows_with for _, bias in rows[i].logit_bias]
+        values = _to_device(torch.tensor(biases, dtype=scores.dtype), scores.device)
+        scores.view(-1).index_add_(0, flat, values)
+    return scores
+
+
 def apply_suppression(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Set each row's suppressed ids to -inf, in place. scores: contiguous [num_rows, vocab]."""
     rows_with = [i for i, r in enumerate(rows) if r.suppressed_token_ids]
@@ -227,8 +241,9 @@ class Sampler:
         if not rows:
             return []
         scores = logits
-        if any(r.has_penalties or r.suppressed_token_ids for r in rows):
+        if any(r.has_penalties or r.suppressed_token_ids or r.logit_bias for r in rows):
             scores = apply_penalties(logits.to(torch.float32, copy=True), rows)
+            scores = apply_logit_bias(scores, rows)
             scores = apply_suppression(scores, rows)
         sampled_rows = [i for i, r in enumerate(rows) if not r.is_greedy]
         if not sampled_rows:

@@ -29,6 +29,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     arrival_index: int = 0  # set by Scheduler.add; preemption picks the highest
     num_preemptions: int = 0
+    # every prompt position must be computed (prompt logprobs): no prefix-cache hits
+    skip_prefix_cache: bool = False
     payload: Any = None  # engine-side request state; the scheduler never looks at it
 
     def __post_init__(self) -> None:
