@@ -25,24 +25,46 @@ INTERNLM2_META_INSTRUCTION = (
     "user such as English and 中文.\n"
 )
 
-# LMDeploy's internlm2: injected system block; `tool` renders as `environment`; system messages
-# named plugin/interpreter get `name=<|plugin|>`; a final assistant message is continued, not closed.
+# LMDeploy's internlm2: injected system block; `tool` renders as `environment`; a message named
+# plugin/interpreter gets `name=<|plugin|>`; a final assistant message is continued, not closed.
+# Tools: a `system name=<|plugin|>` message holding the functions as JSON, after the first system
+# message; an assistant's tool_calls follow its content as `<|action_start|><|plugin|>` blocks.
 _INTERNLM2 = """\
+{%- set tools_at = 1 if messages[0]['role'] == 'system' else 0 -%}
+{%- set ns = namespace(functions=[]) -%}
+{%- for tool in tools or [] -%}
+{%- set ns.functions = ns.functions + [tool['function'] if tool['function'] is defined else tool] -%}
+{%- endfor -%}
+{%- macro plugin_block() -%}
+{{- '<|im_start|>system name=<|plugin|>\\n' + (ns.functions | tojson) + '<|im_end|>\\n' -}}
+{%- endmacro -%}
 {%- if messages[0]['role'] != 'system' -%}
 {{- '<|im_start|>system\\n' + meta_instruction + '<|im_end|>\\n' -}}
 {%- endif -%}
 {%- for message in messages -%}
+{%- if tools and loop.index0 == tools_at -%}{{- plugin_block() -}}{%- endif -%}
 {%- set role = 'environment' if message['role'] == 'tool' else message['role'] -%}
-{%- if role == 'system' and message.get('name') in ['plugin', 'interpreter'] -%}
-{{- '<|im_start|>system name=<|' + message['name'] + '|>\\n' -}}
+{%- if message.get('name') in ['plugin', 'interpreter'] -%}
+{{- '<|im_start|>' + role + ' name=<|' + message['name'] + '|>\\n' -}}
 {%- else -%}
 {{- '<|im_start|>' + role + '\\n' -}}
 {%- endif -%}
 {{- message['content'] -}}
+{%- if role == 'assistant' -%}
+{%- for call in message.get('tool_calls') or [] -%}
+{%- set function = call['function'] if call['function'] is defined else call -%}
+{%- set parameters = function['parameters'] if function['parameters'] is defined
+    else function['arguments'] -%}
+{{- '<|action_start|><|plugin|>\\n' -}}
+{{- {'name': function['name'], 'parameters': parameters} | tojson -}}
+{{- '<|action_end|>' -}}
+{%- endfor -%}
+{%- endif -%}
 {%- if not (loop.last and role == 'assistant' and add_generation_prompt) -%}
 {{- '<|im_end|>\\n' -}}
 {%- endif -%}
 {%- endfor -%}
+{%- if tools and messages | length == tools_at -%}{{- plugin_block() -}}{%- endif -%}
 {%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}
 {{- '<|im_start|>assistant\\n' -}}
 {%- endif -%}"""
@@ -119,11 +141,22 @@ class ChatTemplate:
             source, stop_words = BUILTIN_TEMPLATES[name], BUILTIN_STOP_WORDS[name]
         return cls(name, source, list(stop_words), template_vars)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template reads `tools` (else a caller must put them in a message)."""
+        return "tools" in self.source
+
+    @property
+    def renders_tool_calls(self) -> bool:
+        return "tool_calls" in self.source
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
         from transformers.utils.chat_template_utils import render_jinja_template
 
         rendered, _ = render_jinja_template(
             conversations=[[_plain_message(message) for message in messages]],
+            tools=tools or None,
             chat_template=self.source,
             add_generation_prompt=add_generation_prompt,
             **self.template_vars,
@@ -135,11 +168,12 @@ class ChatTemplate:
         tokenizer: Tokenizer,
         messages: list[dict] | str,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         """Render and tokenize; a plain string is one user message. BOS appears at most once."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        text = self.render(messages, add_generation_prompt)
+        text = self.render(messages, add_generation_prompt, tools)
         # A template that writes bos_token itself gets no second BOS from the tokenizer.
         if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
             return tokenizer.encode(text, add_bos=False)

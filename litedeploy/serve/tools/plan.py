@@ -59,7 +59,9 @@ def _choice_of(tool_choice: object) -> tuple[str, str | None]:
     function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
-        raise ValueError('a named tool_choice is {"type": "function", "function": {"name": ...}}')  # noqa: TRY004
+        # a 400 like every other bad field (not a TypeError)
+        raise ValueError(  # noqa: TRY004
+            'a named tool_choice is {"type": "function", "function": {"name": ...}}')
     return "function", name
 
 
