@@ -247,6 +247,11 @@ class GuidedDecoding:
             raise ValueError(f"guided kind {self.kind!r} needs a spec")
 
 
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): logits / 1e-300 is a division by 0
+# in float32 (NaN scores), and anything this small already puts all mass on the argmax.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
+
 @dataclass
 class GenerationConfig:
     """Per-request generation settings (lmdeploy's names and defaults)."""
@@ -299,4 +304,5 @@ class GenerationConfig:
     @property
     def is_greedy(self) -> bool:
         # lmdeploy: do_sample=False forces greedy whatever temperature/top_k say
-        return not self.do_sample or self.top_k == 1 or self.temperature == 0.0
+        return (not self.do_sample or self.top_k == 1
+                or self.temperature < MIN_SAMPLING_TEMPERATURE)

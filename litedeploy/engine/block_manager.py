@@ -1,10 +1,12 @@
 """Paged KV-cache blocks: allocation, reference counts and a chained-hash prefix cache.
 
 Every block is in exactly one of three places:
-  free       refcount 0, holds nothing reusable                    (`_free_block_ids`, FIFO)
+  free       refcount 0, holds nothing reusable                    (`_free_block_ids`, LIFO)
   in use     refcount > 0, in the block table of >= 1 sequence
   evictable  refcount 0, registered in the prefix cache            (`_evictable`, LRU by release)
-Allocation takes a free block first, then evicts the least recently released cached block.
+Allocation takes a free block first, the most recently freed one (its pages are already
+resident: a lazily mapped CPU cache then only touches as many blocks as are ever used at once),
+then evicts the least recently released cached block.
 
 Prefix cache. A full block is registered under `hash_block_tokens(parent_hash, tokens)`. That
 hash is only an index: a hit must also have the same tokens and the same parent block (block id
@@ -20,7 +22,7 @@ of recomputing up to one block on a fully cached prompt.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from litedeploy.engine.sequence import Sequence
@@ -78,7 +80,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.stats = PrefixCacheStats()
         self._blocks = [_Block(block_id) for block_id in range(num_blocks)]
-        self._free_block_ids: deque[int] = deque(range(num_blocks))
+        # a stack: the next block handed out is the last one freed (lowest ids first at start)
+        self._free_block_ids: list[int] = list(reversed(range(num_blocks)))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest release first
         self._hash_to_block_id: dict[int, int] = {}
         self._seqs_with_blocks: dict[int, Sequence] = {}  # seq_id -> seq holding a table
@@ -178,7 +181,8 @@ class BlockManager:
         assert not seq.block_table or self._seqs_with_blocks.get(seq.seq_id) is seq, (
             f"seq {seq.seq_id} holds blocks {seq.block_table} this manager did not give it"
         )
-        # tail first, so the LRU evicts a chain's last blocks before the blocks they hang from
+        # tail first, so the LRU evicts a chain's last blocks before the blocks they hang from,
+        # and the free stack hands the table's blocks out again in their old order
         for block_id in reversed(seq.block_table):
             block = self._blocks[block_id]
             block.ref_count -= 1
@@ -288,7 +292,7 @@ class BlockManager:
 
     def _take_block(self) -> int:
         if self._free_block_ids:
-            block = self._blocks[self._free_block_ids.popleft()]
+            block = self._blocks[self._free_block_ids.pop()]
         else:
             block_id, _ = self._evictable.popitem(last=False)  # least recently released
             block = self._blocks[block_id]

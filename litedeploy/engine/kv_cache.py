@@ -8,7 +8,8 @@ addresses). The token budget counts those bytes, so the same memory holds ~2x (i
 
 Its size follows lmdeploy's `cache_max_entry_count`: on GPU the fraction of free memory after the
 weights are loaded and a warm-up forward has reserved its activations (model_runner.warm_up_model);
-on CPU the fraction of available RAM. `max_cache_tokens` overrides both. Under
+on CPU the fraction of available RAM, at most CPU_MAX_CACHE_BYTES. A size from memory is capped
+at `max_useful_tokens` (max_batch_size x session_len); `max_cache_tokens` overrides both. Under
 `--max-gpu-memory` the free memory is what the cap leaves: the cap minus what PyTorch has reserved
 (weights and the warm-up's activations), as `mem_get_info` knows nothing of the cap.
 """
@@ -28,6 +29,10 @@ from litedeploy.kernels.kv_quant import check_quant_bits, packed_head_dim
 logger = logging.getLogger(__name__)
 
 SCALE_ZERO_BYTES = 4  # float32 scale and zero (see kernels/kv_quant.py)
+# Default ceiling of a CPU cache sized from RAM (--cache-max-tokens sets any size): a CPU engine
+# runs a few sequences at a time, and 80% of a large machine's RAM is a reservation no other
+# process can count on.
+CPU_MAX_CACHE_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,8 @@ def plan_cache(
     else:
         free_bytes = free_memory_bytes(device, cap_bytes)
         budget = free_bytes * cache_config.cache_max_entry_count
+        if device.type == "cpu":
+            budget = min(budget, CPU_MAX_CACHE_BYTES)
         num_tokens = min(int(budget // shape.bytes_per_token), max_useful_tokens)
         cap_note = "" if cap_bytes is None else (
             f" under the --max-gpu-memory {cap_bytes / 2**30:.2f} GiB cap")

@@ -22,6 +22,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from litedeploy.config import MIN_SAMPLING_TEMPERATURE
 from litedeploy.errors import RequestError
 
 MAX_NUM_LOGPROBS = 20
@@ -33,7 +34,7 @@ class SamplingRow:
     """What one row of the logits needs: its sampling settings and the ids the penalties see."""
 
     greedy: bool = True  # do_sample False (lmdeploy: greedy whatever temperature/top_k say)
-    temperature: float = 1.0  # 0 on a sampled row means greedy
+    temperature: float = 1.0  # below MIN_SAMPLING_TEMPERATURE (0 included) means greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -66,7 +67,7 @@ class SamplingRow:
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0.0
+        return self.greedy or self.temperature < MIN_SAMPLING_TEMPERATURE
 
     @property
     def has_penalties(self) -> bool:
@@ -215,7 +216,7 @@ def process_sampled_logits(scores: torch.Tensor, rows: Sequence[SamplingRow]) ->
         dtype=torch.float32,
     )
     params = _to_device(params, scores.device)  # [n, 4]: one transfer for all settings
-    # like HF TemperatureLogitsWarper; greedy rows (temperature 0) never get here
+    # like HF TemperatureLogitsWarper; greedy rows (temperature < 1e-5) never get here
     scores = scores / params[:, 0:1]
     if any(r.top_k > 0 or r.top_p < 1.0 for r in rows):
         scores = apply_top_k_top_p(scores, params[:, 1].long(), params[:, 2])
