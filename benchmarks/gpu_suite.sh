@@ -17,6 +17,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 step "tests: kernels + cuda graphs"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_cuda_graph.py 2>&1 \
     | tail -15 | tee "$OUT/tests.txt" | tee -a "$LOG"
+step "copy bandwidth (the roofline of the summary)"
+timeout 60 python3 -m litedeploy.bench.copy_bandwidth --output-json "$OUT/copy_bandwidth.json" \
+    >>"$LOG" 2>&1 || echo "copy bandwidth FAILED" | tee -a "$LOG"
 step "bench latency"
 timeout 200 python3 -m litedeploy bench latency "$MODEL" "${COMMON[@]}" --batch-size 1 --input-len 512 \
     --output-len 256 --compare-hf --hf-static-compiled --output-json "$OUT/latency.json" \

@@ -1,6 +1,7 @@
 """One markdown table of the GPU suite's JSON results against the issue's targets.
 
-`python -m litedeploy.bench.summary DIR` reads latency.json, throughput.json and extras.json.
+`python -m litedeploy.bench.summary DIR` reads latency.json, throughput.json, extras.json and
+copy_bandwidth.json (this card's copy bandwidth, measured in the same run by bench.copy_bandwidth).
 `python -m litedeploy.bench.summary --quant RAW_DIR OUT_DIR` merges the quantization suite's raw
 results (benchmarks/gpu_quant_suite.sh) into OUT_DIR/quant_results.json and quant_summary.md.
 """
@@ -12,22 +13,30 @@ import re
 import sys
 from pathlib import Path
 
-COPY_BANDWIDTH_TB_S = 3.0  # H100 device-to-device copy, measured on this card kind
-
 
 def _load(folder: Path, name: str) -> dict:
     path = folder / name
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def summary_rows(latency: dict, throughput: dict, extras: dict) -> list[tuple[str, str, str]]:
+def share_of_copy_bandwidth(bandwidth_tb_s: float, copy: dict | None) -> str:
+    """'= 45% of the measured 4.31 TB/s copy bandwidth', or why there is no such figure."""
+    measured = (copy or {}).get("copy_bandwidth_tb_s")
+    if not measured:
+        return "copy bandwidth not measured"
+    return (f"= {100 * bandwidth_tb_s / measured:.0f}% of the measured {measured:.2f} TB/s "
+            "copy bandwidth")
+
+
+def summary_rows(latency: dict, throughput: dict, extras: dict,
+                 copy: dict | None = None) -> list[tuple[str, str, str]]:
     rows = []
     ours = latency.get("litedeploy", {})
     if ours:
         bw = ours.get("weight_bandwidth_tb_s", 0.0)
         reached = (f"{ours['decode_tokens_per_s']:.0f} tok/s "
-                   f"({ours['decode_ms_per_step']:.3f} ms/step, {bw:.2f} TB/s = "
-                   f"{100 * bw / COPY_BANDWIDTH_TB_S:.0f}% of copy bandwidth)")
+                   f"({ours['decode_ms_per_step']:.3f} ms/step, {bw:.2f} TB/s "
+                   f"{share_of_copy_bandwidth(bw, copy)})")
         rows.append(("batch-1 decode (512 in, 256 out)", reached, ">= 600 tok/s"))
         for key, label in (("transformers", "transformers, dynamic cache"),
                            ("transformers_static_compiled", "transformers, static cache compiled")):
@@ -229,8 +238,9 @@ def main() -> int:
     folder = Path(sys.argv[1])
     latency, throughput = _load(folder, "latency.json"), _load(folder, "throughput.json")
     extras = _load(folder, "extras.json")
+    copy = _load(folder, "copy_bandwidth.json")
     machine = extras.get("machine") or throughput.get("machine") or {}
-    text = render(summary_rows(latency, throughput, extras), machine.get("gpu", "unknown"))
+    text = render(summary_rows(latency, throughput, extras, copy), machine.get("gpu", "unknown"))
     (folder / "summary.md").write_text(text)
     print(text)
     return 0

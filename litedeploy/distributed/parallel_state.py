@@ -35,7 +35,11 @@ def init_tensor_parallel(rank: int, world_size: int, master_addr: str, master_po
     """Join the process group (gloo on CPU, nccl on CUDA) and remember this rank."""
     global _STATE
     if world_size > 1:
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast on lent machines
+        # no NVLink multicast (NCCL, PyTorch symmetric memory, NVSHMEM): on shared hosts a
+        # multicast object can take the GPUs out of service; plain NVLink all-reduce is enough
+        for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                            ("NVSHMEM_DISABLE_NVLS", "1")):
+            os.environ.setdefault(name, value)
         dist.init_process_group(
             backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
             world_size=world_size, timeout=timedelta(seconds=timeout_s),

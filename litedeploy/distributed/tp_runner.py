@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from litedeploy.distributed.workers import WorkerGroup
-from litedeploy.engine.input_builder import build_host_inputs
+from litedeploy.engine.input_builder import HostStepInputs, build_host_inputs
 from litedeploy.engine.model_runner import ModelRunner
 from litedeploy.engine.scheduler import SchedulerOutput
 
@@ -19,8 +19,22 @@ class TPModelRunner:
     def kv_cache(self):
         return self.runner.kv_cache
 
+    @property
+    def graphs(self):
+        return self.runner.graphs
+
+    @property
+    def block_size(self) -> int:
+        return self.runner.block_size
+
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
         host = build_host_inputs(batch, self.runner.block_size)
         self.workers.call("run_host", host)  # every rank runs the same step on its shard
         return self.runner.run_host(host)
+
+    @torch.inference_mode()
+    def run_burst(self, host: HostStepInputs, num_steps: int) -> list[list[int]]:
+        """Multi-step decoding: every rank runs the same greedy steps (one broadcast for all)."""
+        self.workers.call("run_burst", host, num_steps)
+        return self.runner.run_burst(host, num_steps)

@@ -87,8 +87,17 @@ class WorkerGroup:
         self.control = dist.new_group(backend="gloo")
 
     def call(self, method: str, *args) -> None:
-        """Every worker runs `method(*args)` (see `_Worker`); rank 0 then does its own part."""
+        """Every worker runs `method(*args)` (see `_Worker`); rank 0 then does its own part.
+
+        Anything that runs a collective (a forward, a graph capture, a gather) must go through
+        here first: a collective that rank 0 enters alone waits forever for the others."""
         dist.broadcast_object_list([(method, args)], src=0, group=self.control)
+
+    def min_free_memory(self, cap_bytes: int | None, own_free_bytes: int) -> int:
+        """The least free memory of any rank: every rank's cache has the same number of
+        blocks, so the fullest GPU decides (another process may be using one of them)."""
+        self.call("report_free_memory", cap_bytes)
+        return min(gather_free_memory(own_free_bytes, self.control))
 
     def close(self) -> None:
         if self._closing:
@@ -100,6 +109,11 @@ class WorkerGroup:
             pass
         for process in self.processes:
             process.join(timeout=10)
+            if process.is_alive():  # stuck in a collective rank 0 left (a failed start-up)
+                logger.warning("tensor-parallel worker %s did not stop; terminating it",
+                               process.name)
+                process.terminate()
+                process.join(timeout=5)
         destroy_tensor_parallel()
 
     def _watch(self) -> None:
@@ -115,25 +129,51 @@ class WorkerGroup:
 
 
 class _Worker:
-    """What a rank > 0 holds: its model shard, KV cache share and model runner."""
+    """What a rank > 0 holds: its model shard, KV cache share and model runner. Its methods
+    mirror what rank 0 does at the same moment, so the collectives inside them pair up."""
 
-    def __init__(self, model_path: str, config: EngineConfig, device: str):
+    def __init__(self, model_path: str, config: EngineConfig, device: str, control):
         from litedeploy.loader.model_loader import load_model, open_source
 
         self.config = replace(config, device=device)
+        self.control = control
         self.model, _ = load_model(open_source(model_path), self.config.dtype, device,
-                                   self.config.load_format, self.config.model_format)
+                                   self.config.load_format, self.config.model_format,
+                                   self.config.max_gpu_memory)
+        self.device = next(self.model.parameters()).device
         self.runner = None
+
+    def warm_up(self, num_tokens: int, num_logit_rows: int, block_size: int) -> None:
+        from litedeploy.engine.model_runner import warm_up_model
+
+        warm_up_model(self.model, num_tokens, num_logit_rows, block_size, self.device)
+
+    def report_free_memory(self, cap_bytes: int | None) -> None:
+        from litedeploy.engine.kv_cache import free_memory_bytes
+
+        gather_free_memory(free_memory_bytes(self.device, cap_bytes), self.control)
 
     def init_cache(self, shape, runner_kwargs: dict) -> None:
         from litedeploy.engine.kv_cache import KVCache
         from litedeploy.engine.model_runner import ModelRunner
 
-        device = next(self.model.parameters()).device
-        self.runner = ModelRunner(self.model, KVCache(shape, device), device, **runner_kwargs)
+        # captures the decode graphs when enabled: rank 0 captures the same ones meanwhile
+        self.runner = ModelRunner(self.model, KVCache(shape, self.device), self.device,
+                                  **runner_kwargs)
 
     def run_host(self, host) -> None:
         self.runner.run_host(host)
+
+    def run_burst(self, host, num_steps: int) -> None:
+        # the logits are all-gathered, so every rank's argmax (and next input) is the same
+        self.runner.run_burst(host, num_steps)
+
+
+def gather_free_memory(free_bytes: int, control) -> list[int]:
+    """Every rank's free bytes, in rank order (over the gloo control group)."""
+    gathered: list[int | None] = [None] * dist.get_world_size(control)
+    dist.all_gather_object(gathered, free_bytes, group=control)
+    return [int(value) for value in gathered]
 
 
 def _worker_main(rank: int, world_size: int, addr: str, port: int, backend: str,
@@ -145,7 +185,7 @@ def _worker_main(rank: int, world_size: int, addr: str, port: int, backend: str,
             torch.cuda.set_device(rank)
         init_tensor_parallel(rank, world_size, addr, port, backend)
         control = dist.new_group(backend="gloo")
-        worker = _Worker(model_path, config, device)
+        worker = _Worker(model_path, config, device, control)
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0, group=control)

@@ -31,6 +31,8 @@ from litedeploy.reference_generation import sampling_row
 
 logger = logging.getLogger(__name__)
 
+CPU_TP_WARM_UP_TOKENS = 32  # enough to run every collective of a forward; CPU needs no more
+
 
 class LLMEngine:
     def __init__(self, bundle: ModelBundle, config: EngineConfig, workers=None):
@@ -41,11 +43,17 @@ class LLMEngine:
         self.tokenizer = bundle.tokenizer
         self.device = bundle.device
         self.session_len = config.session_len or self.model_config.max_position_embeddings
-        if self.device.type == "cuda":  # activations first, so the cache gets what is left
+        # activations first, so the cache gets what is left; on CPU only under TP, where a
+        # short one checks that every rank's collectives pair up before serving
+        if self.device.type == "cuda" or workers is not None:
             num_tokens = min(config.max_prefill_token_num, self.session_len)
+            if self.device.type != "cuda":
+                num_tokens = min(num_tokens, CPU_TP_WARM_UP_TOKENS)
+            warm_up = (num_tokens, config.max_batch_size, config.cache_block_seq_len)
+            if workers is not None:  # the forward all-reduces: every rank runs it together
+                workers.call("warm_up", *warm_up)
             try:
-                warm_up_model(bundle.model, num_tokens, config.max_batch_size,
-                              config.cache_block_seq_len, self.device)
+                warm_up_model(bundle.model, *warm_up, self.device)
             except torch.OutOfMemoryError as exc:
                 raise ModelLoadError(
                     f"a {num_tokens}-token prefill does not fit in GPU memory next to the "
@@ -54,6 +62,7 @@ class LLMEngine:
         cache_shape = plan_cache(
             self.model_config, config.cache_config(), bundle.dtype, self.device,
             max_useful_tokens=config.max_batch_size * self.session_len,
+            min_free_across_ranks=workers.min_free_memory if workers is not None else None,
         )
         self.kv_cache = KVCache(cache_shape, self.device)
         self.block_manager = BlockManager(

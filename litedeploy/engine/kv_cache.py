@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,8 +96,12 @@ def free_memory_bytes(device: torch.device, cap_bytes: int | None) -> int:
 def plan_cache(
     model_config: ModelConfig, cache_config: CacheConfig, dtype: torch.dtype,
     device: torch.device, max_useful_tokens: int,
+    min_free_across_ranks: Callable[[int | None, int], int] | None = None,
 ) -> CacheShape:
-    """Number of blocks from the memory budget, capped at what the engine could ever use."""
+    """Number of blocks from the memory budget, capped at what the engine could ever use.
+
+    Under tensor parallelism `min_free_across_ranks(cap_bytes, own_free_bytes)` returns the least
+    free memory of any rank (WorkerGroup.min_free_memory): all ranks hold the same blocks."""
     check_quant_bits(cache_config.quant_policy)
     shape = CacheShape(0, cache_config.block_size, model_config.num_layers,
                        model_config.num_kv_heads, model_config.head_dim, dtype,
@@ -109,12 +114,16 @@ def plan_cache(
                         f"--cache-max-tokens {num_tokens}")
     else:
         free_bytes = free_memory_bytes(device, cap_bytes)
+        if min_free_across_ranks is not None:
+            free_bytes = min_free_across_ranks(cap_bytes, free_bytes)
         budget = free_bytes * cache_config.cache_max_entry_count
         if device.type == "cpu":
             budget = min(budget, CPU_MAX_CACHE_BYTES)
         num_tokens = min(int(budget // shape.bytes_per_token), max_useful_tokens)
         cap_note = "" if cap_bytes is None else (
             f" under the --max-gpu-memory {cap_bytes / 2**30:.2f} GiB cap")
+        if min_free_across_ranks is not None:
+            cap_note += " (the least of the tensor-parallel ranks)"
         logger.info("KV cache budget: %.2f of %.2f GiB free%s -> %d tokens (%d bytes/token%s)",
                     cache_config.cache_max_entry_count, free_bytes / 2**30, cap_note, num_tokens,
                     shape.bytes_per_token, _quant_note(shape))
