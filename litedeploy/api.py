@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from litedeploy.chat.prompt import PromptEncoder
 from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine.engine import LLMEngine
 from litedeploy.engine.request import RequestOutput
@@ -40,6 +41,7 @@ class Session:
 class Pipeline:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
+        self.prompts = PromptEncoder.for_engine(engine)  # the chat template: ours, not the engine's
         self._ids = itertools.count()
 
     @property
@@ -47,10 +49,7 @@ class Pipeline:
         return self.engine.tokenizer
 
     def _encode(self, prompt: Prompt, do_preprocess: bool) -> list[int]:
-        template, tokenizer = self.engine.bundle.chat_template, self.engine.tokenizer
-        if isinstance(prompt, str) and not do_preprocess:
-            return tokenizer.encode(prompt)
-        return template.encode(tokenizer, prompt)
+        return self.prompts.encode(prompt, do_preprocess)
 
     def __call__(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | None = None,
                  do_preprocess: bool = True) -> Response | list[Response]:

@@ -1,4 +1,7 @@
-"""Everything loaded for one model: weights, tokenizer, chat template and stop tokens."""
+"""Everything loaded for one model: weights, tokenizer and stop tokens.
+
+The chat template is the front-ends' (`litedeploy.chat.prompt`): the engine takes token ids.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from litedeploy.chat.template import ChatTemplate
 from litedeploy.config import EngineConfig, ModelConfig
 from litedeploy.loader.model_loader import ModelSource, load_model, open_source, resolve_device
 from litedeploy.models.decoder import DecoderForCausalLM
@@ -25,7 +27,7 @@ class ModelBundle:
     model: DecoderForCausalLM
     model_config: ModelConfig
     tokenizer: Tokenizer | None  # None with --load-format dummy and no tokenizer files
-    chat_template: ChatTemplate | None
+    # eos ids; a front-end's PromptEncoder adds its chat template's end-of-turn tokens
     stop_token_ids: frozenset[int]
     # CUDA memory PyTorch had allocated once the weights were loaded (None on CPU)
     weights_allocated_bytes: int | None = None
@@ -55,14 +57,11 @@ def load_bundle(model_path: str | None, config: EngineConfig) -> ModelBundle:
     model, model_config = load_model(source, config.dtype, config.device, config.load_format,
                                      config.model_format, config.max_gpu_memory)
     weights_allocated = torch.cuda.memory_allocated(device) - before if on_cuda else None
-    tokenizer = template = None
+    tokenizer = None
     if config.load_format != "dummy" or _has_tokenizer(source):
         tokenizer = _load_tokenizer(source)
-        template = ChatTemplate.resolve(
-            tokenizer, config.chat_template, model_type=source.hf_config.get("model_type")
-        )
-    stop_ids = _stop_token_ids(source, model_config, tokenizer, template)
-    return ModelBundle(source.name, source, model, model_config, tokenizer, template, stop_ids,
+    stop_ids = _stop_token_ids(source, model_config, tokenizer)
+    return ModelBundle(source.name, source, model, model_config, tokenizer, stop_ids,
                        weights_allocated)
 
 
@@ -80,17 +79,12 @@ def _load_tokenizer(source: ModelSource) -> Tokenizer:
     return Tokenizer.from_folder(str(source.path), source.hf_config)
 
 
-def _stop_token_ids(source: ModelSource, model_config: ModelConfig, tokenizer: Tokenizer | None,
-                    template: ChatTemplate | None) -> frozenset[int]:
-    """Template stop words (single tokens) + tokenizer eos + generation_config.json eos ids."""
+def _stop_token_ids(source: ModelSource, model_config: ModelConfig,
+                    tokenizer: Tokenizer | None) -> frozenset[int]:
+    """Tokenizer eos + generation_config.json eos ids."""
     ids = set(model_config.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    if template is not None and tokenizer is not None:
-        for word in template.stop_words:
-            token_id = tokenizer.token_id(word)
-            if token_id is not None:
-                ids.add(token_id)
     gen_config_path = Path(source.path) / "generation_config.json"
     if not source.is_gguf and gen_config_path.exists():
         eos = json.loads(gen_config_path.read_text()).get("eos_token_id")

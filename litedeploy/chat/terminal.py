@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TextIO
 
+from litedeploy.chat.prompt import PromptEncoder
 from litedeploy.config import GenerationConfig
 from litedeploy.engine.async_engine import AsyncEngine
 from litedeploy.errors import RequestError
@@ -61,6 +62,7 @@ class TerminalChat:
     def __init__(self, engine: AsyncEngine, gen: GenerationConfig, system: str | None = None,
                  out: TextIO | None = None, err: TextIO | None = None):
         self.engine = engine
+        self.prompts = PromptEncoder.for_engine(engine)
         self.gen = gen
         self.conversation = Conversation(system)
         self.out = out or sys.stdout
@@ -72,7 +74,7 @@ class TerminalChat:
         Cancelling the coroutine (Ctrl-C) closes the generate iterator, which aborts the request."""
         messages = self.conversation.with_user_turn(user_text)
         try:
-            prompt_ids, gen = self._fit_to_session(self.engine.encode_prompt(messages))
+            prompt_ids, gen = self._fit_to_session(self.prompts.encode(messages))
         except RequestError as exc:
             self._status(f"error: {exc}")
             return TurnResult("", None)

@@ -53,7 +53,6 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self.chat_template = engine.bundle.chat_template
         self.model_name = engine.bundle.name
         self._commands: queue.Queue[_Command] = queue.Queue()
         self._sinks: dict[str, _Sink] = {}
@@ -68,29 +67,27 @@ class AsyncEngine:
         return cls(LLMEngine.from_pretrained(model_path, config))
 
     # ---- prompts -----------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[dict], do_preprocess: bool = True) -> list[int]:
-        """Messages or a string -> token ids; a string goes through the chat template unless
-        do_preprocess is False (then it is encoded as raw text with BOS)."""
+    def encode_text(self, text: str) -> list[int]:
+        """Raw text -> token ids (with BOS). Messages are the front-ends' to render
+        (`litedeploy.chat.prompt.PromptEncoder`)."""
         if self.tokenizer is None:
             raise RequestError("this engine was loaded without a tokenizer (--load-format dummy)")
-        if isinstance(prompt, str) and not do_preprocess:
-            return self.tokenizer.encode(prompt)
-        return self.chat_template.encode(self.tokenizer, prompt)
+        return self.tokenizer.encode(text)
 
     # ---- generation --------------------------------------------------------------------------
     async def generate(
         self,
-        prompt: str | list[dict] | None,
+        prompt: str | None,
         gen: GenerationConfig | None = None,
         *,
         input_ids: list[int] | None = None,
         request_id: str | None = None,
-        do_preprocess: bool = True,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields incremental outputs; the last one has `finished` True. Raises RequestError
-        before yielding anything when the request can never be served."""
+        """Yields incremental outputs for `input_ids` (or raw text `prompt`); the last one has
+        `finished` True. Raises RequestError before yielding anything when the request can never
+        be served."""
         gen = gen or GenerationConfig()
-        prompt_ids = input_ids if input_ids is not None else self.encode_prompt(prompt, do_preprocess)
+        prompt_ids = input_ids if input_ids is not None else self.encode_text(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         sink = _Sink(asyncio.get_running_loop())
         self._commands.put(_Command("add", request_id, prompt_ids, gen, sink))

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from litedeploy.engine.engine import LLMEngine
 
 if TYPE_CHECKING:
-    from litedeploy.serve.openai_server import OpenAIServer
+    from litedeploy.serve.state import OpenAIServer
 
 
 class InjectedFault(RuntimeError):

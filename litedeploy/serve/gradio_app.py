@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from litedeploy.chat.prompt import PromptEncoder
 from litedeploy.config import GenerationConfig
 from litedeploy.errors import RequestError
 
@@ -33,6 +34,7 @@ class EngineChat:
 
     def __init__(self, engine):
         self.engine = engine
+        self.prompts = PromptEncoder.for_engine(engine)
         self.model_name = engine.model_name
         self.device = str(engine.engine.device)
 
@@ -41,7 +43,8 @@ class EngineChat:
             max_new_tokens=int(settings.max_new_tokens), do_sample=settings.temperature > 0,
             temperature=float(settings.temperature), top_p=float(settings.top_p),
             top_k=int(settings.top_k))
-        async with aclosing(self.engine.generate(messages, gen)) as outputs:
+        stream = self.engine.generate(None, gen, input_ids=self.prompts.encode(messages))
+        async with aclosing(stream) as outputs:
             async for out in outputs:
                 if out.error:
                     raise RuntimeError(f"generation failed: {out.error}")

@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from litedeploy.engine.request import RequestOutput
-from litedeploy.engine.sampler import SampledToken
 from litedeploy.errors import RequestError
 from litedeploy.serve import protocol as p
 from litedeploy.serve.errors import APIError, error_body
 from litedeploy.serve.streaming import FanOut, sse_event
 
 if TYPE_CHECKING:
-    from litedeploy.serve.openai_server import OpenAIServer
+    from litedeploy.serve.state import OpenAIServer
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +50,10 @@ def _encode_messages(server: OpenAIServer, messages: list[dict]) -> list[int]:
     from jinja2 import TemplateError
 
     try:
-        return server.engine.encode_prompt(messages)
+        return server.prompts.encode(messages)
     except (TemplateError, TypeError, KeyError) as exc:
         raise APIError(400, f"the chat template cannot render these messages: {exc}",
                        param="messages") from exc
-
-
-async def collect_outputs(fan: FanOut):
-    texts: dict[int, str] = {}
-    logprobs: dict[int, list[SampledToken]] = {}
-    finals: dict[int, RequestOutput] = {}
-    async for index, out in fan:
-        texts[index] = texts.get(index, "") + out.text
-        if out.logprobs is not None:
-            logprobs.setdefault(index, []).extend(out.logprobs)
-        if out.finished:
-            finals[index] = out
-    return texts, logprobs, finals
 
 
 async def chat_completions(server: OpenAIServer, body: p.ChatCompletionRequest,
@@ -128,7 +114,7 @@ async def completions(server: OpenAIServer, body: p.CompletionRequest,
                       request: Request):
     server.check_model(body.model)
     prompts: list[str | list[int]] = body.prompt
-    prompt_ids = [server.engine.encode_prompt(x, do_preprocess=False) if isinstance(x, str)
+    prompt_ids = [server.prompts.encode(x, do_preprocess=False) if isinstance(x, str)
                   else x for x in prompts]
     echoes = [(x if isinstance(x, str) else server.engine.tokenizer.decode(x, False))
               if body.echo else "" for x in prompts]

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from starlette.responses import StreamingResponse
 
 from litedeploy.engine.request import RequestOutput
+from litedeploy.engine.sampler import SampledToken
 from litedeploy.serve.guards import QueueTicket
 
 
@@ -102,3 +103,17 @@ class SSEResponse(StreamingResponse):
 
 def sse_event(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def collect_outputs(fan: FanOut):
+    """A whole non-streamed fan-out: text, logprobs and final output of each choice."""
+    texts: dict[int, str] = {}
+    logprobs: dict[int, list[SampledToken]] = {}
+    finals: dict[int, RequestOutput] = {}
+    async for index, out in fan:
+        texts[index] = texts.get(index, "") + out.text
+        if out.logprobs is not None:
+            logprobs.setdefault(index, []).extend(out.logprobs)
+        if out.finished:
+            finals[index] = out
+    return texts, logprobs, finals

@@ -29,7 +29,7 @@ def test_greedy_tokens_equal_transformers_on_the_same_gguf(pipe):
     hf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     prompt_ids = hf_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True,
                                                   tokenize=True, return_dict=False)
-    ours_ids = pipe.engine.bundle.chat_template.encode(pipe.tokenizer, MESSAGES)
+    ours_ids = pipe.prompts.encode(MESSAGES)
     assert ours_ids == list(prompt_ids)
     with torch.inference_mode():
         out = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=NUM_TOKENS,

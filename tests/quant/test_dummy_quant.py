@@ -13,6 +13,7 @@ from torch import nn
 
 from litedeploy.bench.common import weight_bytes
 from litedeploy.bench.dummy_tokenizer import make_dummy_folder
+from litedeploy.chat.prompt import PromptEncoder
 from litedeploy.config import EngineConfig, GenerationConfig, ModelConfig
 from litedeploy.engine.engine import LLMEngine
 from litedeploy.errors import ModelLoadError
@@ -143,7 +144,7 @@ def test_dummy_load_uses_the_tokenizer_of_the_folder(tmp_path):
     vocab = TINY["vocab_size"]
     assert bundle.tokenizer is not None and bundle.tokenizer.vocab_size == vocab
     assert bundle.tokenizer.decode([vocab - 3, 7]) == f"w{vocab - 3} w7"  # any sampled id
-    assert bundle.chat_template is not None
+    assert PromptEncoder.for_bundle(bundle).template is not None
     assert bundle.stop_token_ids >= {2}
 
 
