@@ -22,7 +22,6 @@ class StepInputs:
     logits_indices: torch.Tensor | None  # [num_sampling_rows] rows to sample from; None: all
     max_q_len: int
     max_context_len: int
-    mask: torch.Tensor | None = None  # CPU path: attention mask shared by all layers of the step
     # CUDA, mixed batches: the leading rows that decode one token go to the decode kernel, the
     # rest (prefill chunks, cu_seqlens rebased to 0) to the prefill kernel
     num_decode_rows: int = 0
@@ -50,7 +49,7 @@ class PagedKVBackend:
             return self._attend_split(q, k_cache, v_cache, quant)
         return kernels.paged_attention(
             q, k_cache, v_cache, step.block_tables, step.context_lens, step.cu_seqlens_q,
-            step.max_q_len, step.max_context_len, self.scale, step.mask, *quant,
+            step.max_q_len, step.max_context_len, self.scale, *quant,
         )
 
     def _attend_split(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -15,7 +15,6 @@ import torch
 
 from litedeploy.engine.forward_context import StepInputs
 from litedeploy.engine.scheduler import SchedulerOutput
-from litedeploy.kernels.reference import paged_attention_mask
 
 # CUDA: send the decode rows of a mixed batch to the decode kernel (see PagedKVBackend)
 SPLIT_MIXED_BATCHES = False  # H100: 12.0k vs 13.4k out tok/s with it off (one call)
@@ -145,9 +144,4 @@ def to_device(host: HostStepInputs, device: torch.device) -> StepInputs:
         inputs.num_decode_rows = num_decode
         inputs.decode_max_context_len = max(host.context_lens[:num_decode])
         inputs.prefill_cu_seqlens_q = narrow_parts[3]
-    if device.type != "cuda":
-        q_lens = torch.tensor([b - a for a, b in zip(host.cu_seqlens_q, host.cu_seqlens_q[1:])])
-        inputs.mask = paged_attention_mask(
-            q_lens, inputs.context_lens, inputs.max_q_len, inputs.max_context_len
-        )
     return inputs

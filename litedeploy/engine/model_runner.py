@@ -17,7 +17,6 @@ from litedeploy.engine.input_builder import HostStepInputs, build_host_inputs, t
 from litedeploy.engine.kv_cache import CacheShape, KVCache
 from litedeploy.engine.multi_step import advance_decode_inputs, greedy_next
 from litedeploy.engine.scheduler import SchedulerOutput
-from litedeploy.kernels.reference import paged_attention_mask
 from litedeploy.models.decoder import DecoderForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -64,10 +63,6 @@ class ModelRunner:
                 break
             advance_decode_inputs(inputs, tokens, self.block_size)
             inputs.max_context_len += 1
-            if inputs.mask is not None:  # CPU: the mask follows the grown contexts
-                q_lens = torch.ones(host.batch_size, dtype=torch.int64)
-                inputs.mask = paged_attention_mask(q_lens, inputs.context_lens, 1,
-                                                   inputs.max_context_len)
         return torch.stack(steps).tolist()
 
     @torch.inference_mode()

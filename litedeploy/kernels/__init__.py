@@ -43,15 +43,15 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales_zeros=None, v_scales
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-                    max_q_len, max_context_len, scale, mask=None, k_scales_zeros=None,
+                    max_q_len, max_context_len, scale, k_scales_zeros=None,
                     v_scales_zeros=None, quant_bits=0):
     quant = (k_scales_zeros, v_scales_zeros, quant_bits) if quant_bits else ()
     if q.is_cuda and _triton_module("triton_attention") is not None:
         return _triton_module("triton_attention").paged_attention(
             q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-            max_q_len, max_context_len, scale, None, *quant)
+            max_q_len, max_context_len, scale, *quant)
     return reference.paged_attention(q, k_cache, v_cache, block_tables, context_lens,
-                                     cu_seqlens_q, max_q_len, max_context_len, scale, mask, *quant)
+                                     cu_seqlens_q, max_q_len, max_context_len, scale, *quant)
 
 
 def rms_norm(x, weight, eps, residual=None):

@@ -12,6 +12,8 @@ Conventions shared by all implementations (Triton ones must keep the same signat
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -44,27 +46,6 @@ def store_kv(
     flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
 
 
-def paged_attention_mask(
-    q_lens: torch.Tensor, context_lens: torch.Tensor, max_q_len: int, max_context_len: int
-) -> torch.Tensor:
-    """Boolean mask [batch, 1, max_q_len, max_context_len]: True where a query may attend.
-
-    Query i of sequence b sits at absolute position context_lens[b] - q_lens[b] + i; it sees every
-    cached key up to and including its own position. Padded query rows see key 0 so that softmax
-    never divides by zero (their output is discarded).
-    """
-    device = context_lens.device
-    q_idx = torch.arange(max_q_len, device=device)
-    k_idx = torch.arange(max_context_len, device=device)
-    q_pos = (context_lens - q_lens)[:, None] + q_idx[None, :]  # [batch, max_q_len]
-    mask = k_idx[None, None, :] <= q_pos[:, :, None]
-    mask &= k_idx[None, None, :] < context_lens[:, None, None]
-    pad_rows = q_idx[None, :] >= q_lens[:, None]
-    mask[pad_rows] = False
-    mask[..., 0] |= pad_rows
-    return mask[:, None]
-
-
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -75,53 +56,99 @@ def paged_attention(
     max_q_len: int,
     max_context_len: int,
     scale: float,
-    mask: torch.Tensor | None = None,
     k_scales_zeros: torch.Tensor | None = None,
     v_scales_zeros: torch.Tensor | None = None,
     quant_bits: int = 0,
 ) -> torch.Tensor:
     """Attention of each query token over its sequence's paged K/V (mixed prefill + decode).
 
-    Returns [num_tokens, num_heads, head_dim]. `mask` may be passed precomputed (it is the same for
-    every layer of a step). With quant_bits 4/8 the gathered blocks are dequantized first.
+    Returns [num_tokens, num_heads, head_dim]. Variable-length: decode rows (one query each) attend
+    together over their own longest context, and each prefill chunk alone over its own blocks, so
+    a step costs what its real tokens cost; padding every row to the step's longest query and
+    context made one long prompt beside many decoding streams cost them all its length squared.
+    With quant_bits 4/8 the gathered blocks are dequantized first.
     """
-    num_tokens, num_heads, head_dim = q.shape
-    batch = block_tables.shape[0]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    quant = (k_scales_zeros, v_scales_zeros, quant_bits)
+    if max_q_len == 1 and q.shape[0] == block_tables.shape[0]:
+        return _decode_rows(q, k_cache, v_cache, block_tables, context_lens, max_context_len,
+                            scale, quant)
+    q_starts = cu_seqlens_q.tolist()  # host lists: a few ints per sequence, once per layer
+    context_list = context_lens.tolist()
+    q_lens = [end - start for start, end in itertools.pairwise(q_starts)]
+    out = torch.empty_like(q)
+    decode_rows = [row for row, q_len in enumerate(q_lens) if q_len == 1]
+    if decode_rows:
+        rows = torch.tensor(decode_rows, device=q.device)
+        token_rows = torch.tensor([q_starts[row] for row in decode_rows], device=q.device)
+        out[token_rows] = _decode_rows(
+            q[token_rows], k_cache, v_cache, block_tables[rows], context_lens[rows],
+            max(context_list[row] for row in decode_rows), scale, quant)
+    for row, q_len in enumerate(q_lens):
+        if q_len > 1:
+            start = q_starts[row]
+            out[start:start + q_len] = _prefill_row(
+                q[start:start + q_len], k_cache, v_cache, block_tables[row],
+                context_list[row], scale, quant)
+    return out
+
+
+def _gather_blocks(
+    cache: torch.Tensor, scales_zeros: torch.Tensor | None, tables: torch.Tensor, rows: int,
+    quant_bits: int, dtype: torch.dtype,
+) -> torch.Tensor:
+    """The blocks named in `tables` (flat, `rows` sequences' worth) -> [rows, L, KVH, head_dim]."""
+    # index_select: no parallel region for small gathers, which matters on a busy 2-core CPU
+    gathered = cache.index_select(0, tables).view(rows, -1, *cache.shape[2:])
+    if quant_bits:
+        gathered = _gather_dequantize(gathered, scales_zeros, tables, quant_bits, dtype)
+    return gathered
+
+
+def _decode_rows(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, max_context_len: int, scale: float, quant: tuple,
+) -> torch.Tensor:
+    """One query per row over its sequence's blocks, padded to the rows' longest context."""
+    k_scales_zeros, v_scales_zeros, quant_bits = quant
+    batch, block_size = block_tables.shape[0], k_cache.shape[1]
     num_blocks_needed = (max_context_len + block_size - 1) // block_size
     tables = block_tables[:, :num_blocks_needed].reshape(-1).long()
-    # gather each sequence's blocks (index_select: no parallel region for small gathers, which
-    # matters on a busy 2-core CPU) -> [batch, context, kv_heads, D]
-    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, k_cache.shape[-1])
-    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, v_cache.shape[-1])
-    if quant_bits:
-        keys = _gather_dequantize(keys, k_scales_zeros, tables, quant_bits, q.dtype)
-        values = _gather_dequantize(values, v_scales_zeros, tables, quant_bits, q.dtype)
+    keys = _gather_blocks(k_cache, k_scales_zeros, tables, batch, quant_bits, q.dtype)
+    values = _gather_blocks(v_cache, v_scales_zeros, tables, batch, quant_bits, q.dtype)
     keys, values = keys[:, :max_context_len], values[:, :max_context_len]
     # slots past a sequence's context hold whatever the cache had (possibly NaN bits): zero them,
     # as the GPU kernels do by never loading them, so masked scores stay exactly zero
     beyond = torch.arange(max_context_len, device=q.device)[None, :] >= context_lens[:, None]
     keys = keys.masked_fill(beyond[:, :, None, None], 0).to(q.dtype)
     values = values.masked_fill(beyond[:, :, None, None], 0).to(q.dtype)
-    if max_q_len == 1 and num_tokens == batch:
-        return _decode_attention(q, keys, values, beyond, scale)
-    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
-    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
-    if mask is None:
-        mask = paged_attention_mask(q_lens, context_lens, max_q_len, max_context_len)
-    padded_q = q.new_zeros(batch, max_q_len, num_heads, head_dim)
-    token_seq = torch.repeat_interleave(torch.arange(batch, device=q.device), q_lens)
-    token_pos = torch.arange(num_tokens, device=q.device) - cu_seqlens_q[:-1][token_seq]
-    padded_q[token_seq, token_pos] = q
+    return _decode_attention(q, keys, values, beyond, scale)
+
+
+def _prefill_row(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    context_len: int, scale: float, quant: tuple,
+) -> torch.Tensor:
+    """A chunk of q_len queries, the last q_len positions of a context of `context_len` keys
+    (its cached prefix, then itself), causally: q [q_len, H, D] -> [q_len, H, D]."""
+    k_scales_zeros, v_scales_zeros, quant_bits = quant
+    q_len, num_heads = q.shape[:2]
+    block_size = k_cache.shape[1]
+    tables = block_table[:(context_len + block_size - 1) // block_size].long()
+    keys = _gather_blocks(k_cache, k_scales_zeros, tables, 1, quant_bits, q.dtype)
+    values = _gather_blocks(v_cache, v_scales_zeros, tables, 1, quant_bits, q.dtype)
+    keys = keys[:, :context_len].to(q.dtype).transpose(1, 2)  # [1, KVH, L, D]
+    values = values[:, :context_len].to(q.dtype).transpose(1, 2)
+    if q_len == context_len:  # no cached prefix: plain causal
+        mask, is_causal = None, True
+    else:  # query i sits at position context_len - q_len + i and sees every key up to it
+        key_idx = torch.arange(context_len, device=q.device)
+        query_pos = torch.arange(context_len - q_len, context_len, device=q.device)
+        mask, is_causal = key_idx[None, :] <= query_pos[:, None], False
     out = F.scaled_dot_product_attention(
-        padded_q.transpose(1, 2),
-        keys,
-        values,
-        attn_mask=mask,
-        scale=scale,
-        enable_gqa=num_heads != num_kv_heads,
-    ).transpose(1, 2)  # [batch, max_q_len, heads, D]
-    return out[token_seq, token_pos]
+        q.transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=is_causal, scale=scale,
+        enable_gqa=num_heads != keys.shape[1],
+    )  # [1, H, q_len, D]
+    return out[0].transpose(0, 1)
 
 
 def _gather_dequantize(

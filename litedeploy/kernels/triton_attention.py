@@ -245,14 +245,11 @@ def paged_attention(
     max_q_len: int,
     max_context_len: int,
     scale: float,
-    mask: torch.Tensor | None = None,
     k_scales_zeros: torch.Tensor | None = None,
     v_scales_zeros: torch.Tensor | None = None,
     quant_bits: int = 0,
 ) -> torch.Tensor:
-    """Same contract as `reference.paged_attention`; `mask` is accepted and ignored (the kernels
-    build the standard causal-over-prefix mask themselves). Dispatches on max_q_len == 1."""
-    del mask
+    """Same contract as `reference.paged_attention`. Dispatches on max_q_len == 1."""
     quant = {"k_scales_zeros": k_scales_zeros, "v_scales_zeros": v_scales_zeros,
                "quant_bits": quant_bits}
     if max_q_len == 1:

@@ -114,7 +114,7 @@ def _attend(case, bits, store, attention):
     store(case["k"], case["v"], k_cache, v_cache, case["slots"], *quant)
     out = attention(case["q"], k_cache, v_cache, case["tables"], case["context_lens"],
                     case["cu"], case["max_q_len"], case["max_ctx"], case["q"].shape[-1] ** -0.5,
-                    None, *quant)
+                    *quant)
     return out, (k_cache, v_cache, *quant)
 
 
@@ -185,7 +185,7 @@ def test_triton_quantized_matches_twin(bits, seqs, group, head_dim, block_size) 
     # attention alone: the twin over the very caches the Triton store wrote (bf16 tolerance)
     same_cache = reference.paged_attention(
         case["q"], *caches[:2], case["tables"], case["context_lens"], case["cu"],
-        case["max_q_len"], case["max_ctx"], head_dim**-0.5, None, *caches[2:])
+        case["max_q_len"], case["max_ctx"], head_dim**-0.5, *caches[2:])
     assert _rel_err(out, same_cache) < 2e-2
     # end to end: an int4 code that rounds the other way moves a value by a whole step (H100 run:
     # 2.9e-2 for int4 at context 300 before the twin rounded half up like the kernel)
