@@ -20,7 +20,7 @@ from litedeploy.engine.input_builder import build_host_inputs
 from litedeploy.engine.kv_cache import KVCache, plan_cache
 from litedeploy.engine.model_runner import ModelRunner, warm_up_model
 from litedeploy.engine.multi_step import resolve_num_steps, row_can_burst
-from litedeploy.engine.prompt_logprobs import check_request, run_batch, take_prompt_logprobs
+from litedeploy.engine.prompt_logprobs import check_request, run_batch
 from litedeploy.engine.request import RequestOutput, RequestState
 from litedeploy.engine.sampler import SampledToken, Sampler
 from litedeploy.engine.scheduler import Scheduler, SchedulerOutput
@@ -185,7 +185,6 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 self._requests.pop(state.request_id, None)
             outputs.append(state.take_output(seq.num_cached_tokens))
-            outputs[-1].prompt_logprobs = take_prompt_logprobs(state)
         if not self.scheduler.has_unfinished() and self.config.check_integrity:
             self.scheduler.check_integrity()
         return outputs

@@ -129,9 +129,12 @@ def compute_logprobs(model: Any, hidden: torch.Tensor, target_ids: list[int],
 
 
 def take_prompt_logprobs(state: Any) -> list[PromptLogprob | None] | None:
-    """The finished prompt logprobs of a request, once: for the output of its first token."""
+    """A request's prompt logprobs for its next output: on the first one after the prefill, and
+    again on the final one (so a consumer that keeps only the final output has them)."""
     progress: PromptLogprobsProgress | None = state.prompt_logprobs
-    if progress is None or progress.sent or len(progress.entries) < len(state.prompt_ids):
+    if progress is None or len(progress.entries) < len(state.prompt_ids):
+        return None
+    if progress.sent and state.finish_reason is None:
         return None
     progress.sent = True
     return progress.entries

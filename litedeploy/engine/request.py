@@ -6,7 +6,11 @@ from dataclasses import dataclass, field
 
 from litedeploy.config import GenerationConfig
 from litedeploy.engine.detokenizer import IncrementalDetokenizer
-from litedeploy.engine.prompt_logprobs import PromptLogprob
+from litedeploy.engine.prompt_logprobs import (
+    PromptLogprob,
+    PromptLogprobsProgress,
+    take_prompt_logprobs,
+)
 from litedeploy.engine.sampler import SampledToken
 
 
@@ -24,8 +28,8 @@ class RequestOutput:
     generate_token_len: int
     num_cached_tokens: int = 0
     error: str | None = None
-    # with GenerationConfig.prompt_logprobs: one entry per prompt token (the first None), sent
-    # once, with the output of the first generated token (or the only one, for max_new_tokens 0)
+    # with GenerationConfig.prompt_logprobs: one entry per prompt token (the first None), on the
+    # first output after the prefill and again on the final one
     prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
@@ -42,7 +46,7 @@ class RequestState:
     num_sent_tokens: int = 0
     pending_logprobs: list[SampledToken] = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_logprobs: list[PromptLogprob | None] | None = None  # filled chunk by chunk
+    prompt_logprobs: PromptLogprobsProgress | None = None  # filled chunk by chunk
 
     def add_token(self, sampled: SampledToken, max_new_tokens: int) -> None:
         """Account for one sampled token; sets finish_reason when the request is done."""
@@ -102,4 +106,5 @@ class RequestState:
         return RequestOutput(
             self.request_id, text, token_ids, logprobs, finished, self.finish_reason,
             len(self.prompt_ids), len(self.output_ids), num_cached_tokens,
+            prompt_logprobs=take_prompt_logprobs(self),
         )

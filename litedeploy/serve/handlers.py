@@ -14,6 +14,7 @@ from litedeploy.engine.request import RequestOutput
 from litedeploy.errors import RequestError
 from litedeploy.serve import protocol as p
 from litedeploy.serve.errors import APIError, error_body
+from litedeploy.serve.logprobs_format import CompletionStream, completion_choice
 from litedeploy.serve.streaming import FanOut, sse_event
 
 if TYPE_CHECKING:
@@ -125,18 +126,19 @@ async def completions(server: OpenAIServer, body: p.CompletionRequest,
     await server.start(fan)
     created = int(time.time())
     if body.stream:
-        events = _completion_events(server, fan, body, echoes, request_id, created)
+        stream = CompletionStream(server.engine.tokenizer, body, prompt_ids, echoes)
+        events = _completion_events(stream, fan, body, echoes, request_id, created)
         return server.respond_stream(fan, events)
     texts, logprobs, finals = await server.collect(fan, request)
-    empty = [] if body.logprobs is not None else None
-    choices = [p.CompletionChoice(index=i, text=echoes[i // body.n] + texts.get(i, ""),
-                                  logprobs=server.completion_logprobs(logprobs.get(i, empty), 0),
-                                  finish_reason=finals[i].finish_reason) for i in sorted(finals)]
+    tokenizer = server.engine.tokenizer
+    choices = [completion_choice(tokenizer, body, i, prompt_ids[i // body.n], echoes[i // body.n],
+                                 texts.get(i, ""), logprobs.get(i), finals[i])
+               for i in sorted(finals)]
     return p.CompletionResponse(id=request_id, created=created, model=body.model,
                                 choices=choices, usage=usage_of(finals, body.n))
 
 
-async def _completion_events(server: OpenAIServer, fan: FanOut, body: p.CompletionRequest,
+async def _completion_events(stream: CompletionStream, fan: FanOut, body: p.CompletionRequest,
                              echoes: list[str], request_id: str,
                              created: int) -> AsyncIterator[str]:
     base = {"id": request_id, "object": "text_completion", "created": created,
@@ -150,18 +152,13 @@ async def _completion_events(server: OpenAIServer, fan: FanOut, body: p.Completi
     if body.echo:
         yield chunk([{"index": i, "text": echoes[i // body.n], "logprobs": None,
                       "finish_reason": None} for i in range(num_choices)])
-    offsets = [0] * num_choices
     finals: dict[int, RequestOutput] = {}
     try:
         async for index, out in fan:
-            if not (out.text or out.logprobs or out.finished):
+            if not (out.text or out.logprobs or out.finished or out.prompt_logprobs):
                 continue
-            logprobs = server.completion_logprobs(out.logprobs, offsets[index])
-            offsets[index] += len(out.text)
             finals.update({index: out} if out.finished else {})
-            yield chunk([{"index": index, "text": out.text,
-                          "logprobs": logprobs.model_dump() if logprobs else None,
-                          "finish_reason": out.finish_reason if out.finished else None}])
+            yield chunk([stream.choice(index, out)])
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
         yield stream_error_event(exc)
     else:

@@ -22,6 +22,7 @@ from litedeploy.serve.guards import (
     BodyLimitGuard,
 )
 from litedeploy.serve.state import OpenAIServer, ServerSettings
+from litedeploy.serve.tokenize_routes import add_tokenize_routes
 
 __all__ = ["OpenAIServer", "ServerSettings", "create_app"]
 
@@ -35,6 +36,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.state.server = server
     install_error_handlers(app)
     _add_routes(app, server)
+    add_tokenize_routes(app, server)  # /tokenize, /detokenize, /tokenizer_info, /v1/models/{id}
     if settings.enable_debug_endpoints:
         from litedeploy.serve.debug import add_debug_routes
 

@@ -22,6 +22,7 @@ MAX_TOP_LOGPROBS = 20
 # Each stop string is searched in the text after every token: bound the work one request brings.
 MAX_STOP_WORDS = 64
 MAX_STOP_WORD_CHARS = 256
+MAX_LOGIT_BIAS = 1024  # entries of one logit_bias map
 
 
 class ErrorDetail(BaseModel):
@@ -145,9 +146,18 @@ class _SamplingRequest(_Strict):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, logit_bias: dict | None) -> None:
-        if logit_bias:
-            raise _unsupported("logit_bias", "remove it")
+    def _logit_bias_ids(cls, logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI's map of token-id strings to a bias in [-100, 100]; ids must be in the vocab
+        (the engine checks that)."""
+        if not logit_bias:
+            return None
+        if len(logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        if not all(key.isascii() and key.isdigit() for key in logit_bias):
+            raise ValueError("logit_bias keys must be token ids written as decimal strings")
+        if not all(-100.0 <= bias <= 100.0 for bias in logit_bias.values()):
+            raise ValueError("logit_bias values must be between -100 and 100")
+        return {int(key): float(bias) for key, bias in logit_bias.items()}
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -178,6 +188,7 @@ class _SamplingRequest(_Strict):
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=num_logprobs,
+            logit_bias=self.logit_bias,
         )
 
 
@@ -217,9 +228,11 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     # a string, a list of strings, a list of token ids, or a list of token-id lists
     prompt: Any
-    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=1)
+    # 0 with echo: the prompt (and its logprobs) only
+    max_tokens: int | None = Field(DEFAULT_COMPLETION_MAX_TOKENS, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # vLLM's extra
     suffix: str | None = None
     best_of: int | None = None
 
@@ -248,12 +261,19 @@ class CompletionRequest(_SamplingRequest):
                                          "for it; remove `suffix`")
         if self.best_of not in (None, 1):
             raise _unsupported("best_of", "use n to get several completions")
-        if self.echo and self.logprobs is not None:
-            raise _unsupported("echo with logprobs", "prompt logprobs are not computed")
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
+            raise ValueError("max_tokens 0 generates nothing: it needs echo: true (the prompt "
+                             "and its logprobs only) or prompt_logprobs")
         return self
 
     def to_generation_config(self) -> GenerationConfig:
-        return self.generation_config(self.max_tokens, self.logprobs)
+        gen = self.generation_config(self.max_tokens, self.logprobs)
+        gen.prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:  # echoed prompt tokens carry logprobs too
+            gen.prompt_logprobs = max(self.logprobs, self.prompt_logprobs or 0)
+        if self.max_tokens == 0 and gen.prompt_logprobs is None:
+            gen.prompt_logprobs = 0  # the engine runs prefill-only requests for these only
+        return gen
 
 
 class EncodeRequest(_Strict):
@@ -286,9 +306,17 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first echoed prompt token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprobEntry(BaseModel):
+    """vLLM's prompt_logprobs entry: one per token id (the prompt's own and the top ones)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -328,6 +356,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    # vLLM's: with prompt_logprobs, per prompt token {token id: entry}, the first None
+    prompt_logprobs: list[dict[str, PromptLogprobEntry] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

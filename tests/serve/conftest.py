@@ -114,3 +114,30 @@ def api_server(api_servers) -> ServerProcess:
 @pytest.fixture(scope="session")
 def keyed_server(api_servers) -> ServerProcess:
     return api_servers[1]
+
+
+@dataclass
+class TinyServer:
+    """An api_server on a tiny random float32 Llama, with its transformers twin as reference."""
+
+    server: ServerProcess
+    folder: Path
+    hf_model: object
+    model_name: str = "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_server(tmp_path_factory):
+    from tests.helpers import tiny_models
+
+    folder, hf_model = tiny_models.make_llama(tmp_path_factory.mktemp("tiny") / "llama")
+    port = free_port()
+    server = start_litedeploy(
+        ["serve", "api_server", str(folder), "--device", "cpu", "--dtype", "float32",
+         "--model-name", TinyServer.model_name, "--cache-max-tokens", "4096",
+         "--server-port", str(port)], port, folder.parent / "server.log")
+    try:
+        wait_until_ready(server)
+        yield TinyServer(server, folder, hf_model)
+    finally:
+        server.stop()
