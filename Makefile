@@ -32,6 +32,9 @@ install-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
 	$(PIP) install -e '.[serve,test]'
+	# lm-evaluation-harness for tests/serve/test_lm_eval.py only (~45 s: datasets, scikit-learn...),
+	# so it stays out of the package's extras
+	$(PIP) install 'lm-eval[api]==0.4.13'
 	# headless Chromium for the web page test (Debian's package)
 	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
