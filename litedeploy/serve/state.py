@@ -92,7 +92,9 @@ class OpenAIServer:
             raise APIError(400, f"{len(prompts)} prompts x n={n} = {num_choices} choices; at "
                                 f"most {p.MAX_N} per request", param="n")
         session_len = self.engine.engine.session_len
-        num_new = n * sum(gen.max_new_tokens or max(1, session_len - len(ids)) for ids in prompts)
+        max_new = gen.max_new_tokens  # 0: prompt logprobs only, nothing generated
+        num_new = n * sum(max(1, session_len - len(ids)) if max_new is None else max_new
+                          for ids in prompts)
         limit = self.settings.max_request_new_tokens
         if num_new > limit:
             raise APIError(400, f"this request may generate {num_new} tokens (n={n} x max_tokens "
