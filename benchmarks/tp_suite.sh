@@ -47,13 +47,13 @@ nvidia-smi --query-gpu=index,name,memory.total,memory.used,driver_version --form
 $PYTHON -c 'import torch; print("torch", torch.__version__, "devices", torch.cuda.device_count(),
 "nccl", torch.cuda.nccl.version())' 2>&1 | tee -a "$LOG"
 
-step tests 240 bash -c "$PYTHON -m pytest -q -p no:cacheprovider -rs \
+step tests 180 bash -c "$PYTHON -m pytest -q -p no:cacheprovider -rs \
     tests/distributed/test_tp_lifecycle.py 2>&1 | tee '$OUT/tests.txt'"
 step copy_bandwidth 60 $PYTHON -m litedeploy.bench.copy_bandwidth \
     --output-json "$RAW/copy_bandwidth.json"
 for run in "1_8b 1 internlm2-chat-1_8b" "1_8b 2 internlm2-chat-1_8b" "7b 2 internlm2-chat-7b"; do
     read -r tag tp folder <<<"$run"
-    step "${tag}_tp${tp}" 200 $PYTHON -m litedeploy.bench.tp_scaling run \
+    step "${tag}_tp${tp}" 170 $PYTHON -m litedeploy.bench.tp_scaling run \
         "benchmarks/configs/$folder" --tp "$tp" --tag "$tag" --out "$RAW"
     grep -hE "KV cache budget|KV cache:|captured" "$LOG" | tail -2
 done

@@ -6,6 +6,7 @@ With tp == 1 (the default) every collective is a no-op, so single-device code pa
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -48,11 +49,27 @@ def init_tensor_parallel(rank: int, world_size: int, master_addr: str, master_po
     return _STATE
 
 
-def destroy_tensor_parallel() -> None:
+def destroy_tensor_parallel(timeout_s: float | None = None) -> bool:
+    """Leave the process group; False if that did not finish within `timeout_s`.
+
+    NCCL's teardown pairs up across ranks, so every rank must destroy at about the same time
+    (rank 0 does not wait for the workers to exit first); the timeout keeps a dead peer from
+    hanging the caller's shutdown for ever."""
     global _STATE
-    if dist.is_initialized():
-        dist.destroy_process_group()
     _STATE = TPState()
+    if not dist.is_initialized():
+        return True
+    if timeout_s is None:
+        dist.destroy_process_group()
+        return True
+    done = threading.Event()
+
+    def destroy() -> None:
+        dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, name="litedeploy-tp-destroy", daemon=True).start()
+    return done.wait(timeout_s)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ from litedeploy.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
+DESTROY_TIMEOUT_S = 30.0  # a process group teardown that takes longer is stuck on a dead rank
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -107,6 +109,10 @@ class WorkerGroup:
             self.call("stop")
         except Exception:  # noqa: BLE001 - workers may be gone already
             pass
+        # while the workers destroy theirs: NCCL's teardown waits for every rank
+        if not destroy_tensor_parallel(timeout_s=DESTROY_TIMEOUT_S):
+            logger.warning("the tensor-parallel process group did not shut down within %g s",
+                           DESTROY_TIMEOUT_S)
         for process in self.processes:
             process.join(timeout=10)
             if process.is_alive():  # stuck in a collective rank 0 left (a failed start-up)
@@ -114,7 +120,6 @@ class WorkerGroup:
                                process.name)
                 process.terminate()
                 process.join(timeout=5)
-        destroy_tensor_parallel()
 
     def _watch(self) -> None:
         # A dead worker would leave rank 0 blocked in a collective: fail loudly instead.
@@ -194,8 +199,13 @@ def _worker_main(rank: int, world_size: int, addr: str, port: int, backend: str,
                 break
             with torch.inference_mode():
                 getattr(worker, method)(*args)
-        destroy_tensor_parallel()
+        destroy_tensor_parallel(timeout_s=DESTROY_TIMEOUT_S)  # with rank 0's, at the same time
     except Exception:  # noqa: BLE001 - report, then exit non-zero so rank 0's watchdog sees it
         traceback.print_exc()
         sys.stderr.flush()
         os._exit(1)
+    # skip the interpreter's teardown: destructors of CUDA graphs and communicators have
+    # nothing left to free in a process that ends here, and must not hang its exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
