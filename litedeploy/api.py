@@ -23,6 +23,7 @@ class Response:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list | None = None
     index: int = 0
+    tool_calls: list[dict] | None = None  # chat(..., tools=...): the calls, OpenAI's form
 
 
 @dataclass
@@ -101,12 +102,27 @@ class Pipeline:
     def session(self) -> Session:
         return Session(next(self._ids))
 
-    def chat(self, prompt: str, session: Session | None = None,
-             gen_config: GenerationConfig | None = None) -> Session:
+    def chat(self, prompt: str | dict | list[dict], session: Session | None = None,
+             gen_config: GenerationConfig | None = None, tools: list[dict] | None = None,
+             tool_choice: str | dict | None = None) -> Session:
+        """One turn. `prompt`: the user's text, or messages to append (e.g. a tool result,
+        {"role": "tool", "tool_call_id": ..., "content": ...}). `tools` (OpenAI's format): the
+        model may call them; the calls are in `session.response.tool_calls`."""
         session = session or self.session()
-        session.messages.append({"role": "user", "content": prompt})
-        response = self(list(session.messages), gen_config)
-        session.messages.append({"role": "assistant", "content": response.text})
+        new = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else (
+            [prompt] if isinstance(prompt, dict) else list(prompt))
+        session.messages += new
+        if tools or tool_choice is not None or any(
+                m.get("tool_calls") or m["role"] == "tool" for m in session.messages):
+            from litedeploy.serve.tools.pipeline import chat_with_tools
+
+            response = chat_with_tools(self, session.messages, gen_config, tools, tool_choice)
+        else:
+            response = self(list(session.messages), gen_config)
+        reply = {"role": "assistant", "content": response.text}
+        if response.tool_calls:
+            reply["tool_calls"] = response.tool_calls
+        session.messages.append(reply)
         session.response = response
         return session
 

@@ -15,6 +15,7 @@ from litedeploy.cli.args import (
     engine_config_from,
     positive_int,
 )
+from litedeploy.serve.tools import parser_choices as tool_parser_choices
 
 # the server's defaults, repeated here so `--help` works without fastapi installed
 MAX_REQUEST_NEW_TOKENS = 65536
@@ -90,6 +91,9 @@ def _add_api_server(kinds) -> None:
                        help="serve /debug/state and POST /debug/fail_next_step (tests only)")
     group.add_argument("--disable-fastapi-docs", action="store_true",
                        help="do not serve /docs, /redoc and /openapi.json")
+    group.add_argument("--tool-call-parser", default=None, choices=tool_parser_choices(),
+                       help="how tool calls are read from the model's output (default: by model "
+                            "type: internlm2 -> internlm2, llama -> llama3, qwen2 -> hermes)")
     add_engine_args(parser)
     add_log_arg(parser)
     parser.set_defaults(run=run_api_server)
@@ -172,7 +176,8 @@ def settings_from(args: argparse.Namespace, model_name: str):
         max_request_new_tokens=args.max_request_new_tokens,
         max_request_bytes=args.max_request_bytes, body_read_timeout_s=args.request_read_timeout,
         max_log_len=args.max_log_len, disable_fastapi_docs=args.disable_fastapi_docs,
-        enable_debug_endpoints=args.enable_debug_endpoints)
+        enable_debug_endpoints=args.enable_debug_endpoints,
+        tool_call_parser=args.tool_call_parser)
 
 
 def run_api_server(args: argparse.Namespace) -> int:

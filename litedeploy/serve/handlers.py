@@ -16,6 +16,7 @@ from litedeploy.serve import protocol as p
 from litedeploy.serve.errors import APIError, error_body
 from litedeploy.serve.logprobs_format import CompletionStream, completion_choice
 from litedeploy.serve.streaming import FanOut, sse_event
+from litedeploy.serve.tool_chat import ChatTools
 
 if TYPE_CHECKING:
     from litedeploy.serve.state import OpenAIServer
@@ -61,26 +62,43 @@ async def chat_completions(server: OpenAIServer, body: p.ChatCompletionRequest,
                            request: Request):
     server.check_model(body.model)
     messages = [message.for_template() for message in body.messages]
-    prompt_ids = _encode_messages(server, messages)
+    tools = ChatTools.for_request(server, body)  # None without tools (or tool messages)
+    prompt_ids = tools.encode(server, messages) if tools else _encode_messages(server, messages)
     gen = body.to_generation_config()
+    if tools:
+        tools.adjust(gen)
     request_id = new_id("chatcmpl")
     server.log_request(request_id, messages, gen, body.user)
     fan = server.fan_out([prompt_ids], gen, body.n, request_id)
     await server.start(fan)
     created = int(time.time())
     if body.stream:
-        return server.respond_stream(fan, _chat_events(server, fan, body, request_id, created))
+        return server.respond_stream(
+            fan, _chat_events(server, fan, body, request_id, created, tools))
     texts, logprobs, finals = await server.collect(fan, request)
     empty = [] if body.logprobs else None
-    choices = [p.ChatChoice(index=i, message=p.AssistantMessage(content=texts.get(i, "")),
+    choices = [p.ChatChoice(index=i, message=_assistant_message(tools, i, texts.get(i, "")),
                             logprobs=server.chat_logprobs(logprobs.get(i, empty)),
-                            finish_reason=finals[i].finish_reason) for i in sorted(finals)]
+                            finish_reason=_finish_reason(tools, i, finals[i].finish_reason))
+               for i in sorted(finals)]
     return p.ChatCompletionResponse(id=request_id, created=created, model=body.model,
                                     choices=choices, usage=usage_of(finals, body.n))
 
 
+def _assistant_message(tools: ChatTools | None, index: int, text: str) -> p.AssistantMessage:
+    if tools is None:
+        return p.AssistantMessage(content=text)
+    content, tool_calls = tools.message(index, text)
+    return p.AssistantMessage(content=content, tool_calls=tool_calls)
+
+
+def _finish_reason(tools: ChatTools | None, index: int, reason: str | None) -> str | None:
+    return reason if tools is None else tools.finish_reason(index, reason)
+
+
 async def _chat_events(server: OpenAIServer, fan: FanOut, body: p.ChatCompletionRequest,
-                       request_id: str, created: int) -> AsyncIterator[str]:
+                       request_id: str, created: int,
+                       tools: ChatTools | None = None) -> AsyncIterator[str]:
     base = {"id": request_id, "object": "chat.completion.chunk", "created": created,
             "model": body.model}
 
@@ -96,13 +114,18 @@ async def _chat_events(server: OpenAIServer, fan: FanOut, body: p.ChatCompletion
     finals: dict[int, RequestOutput] = {}
     try:
         async for index, out in fan:
-            if out.text or out.logprobs:
+            if tools is None:
+                delta = {"content": out.text} if out.text else None
+            else:  # content and tool-call fragments (None while the parser holds text back)
+                delta = tools.stream_delta(index, out.text, out.finished)
+            if delta or out.logprobs:
                 logprobs = server.chat_logprobs(out.logprobs)
-                yield chunk([choice(index, {"content": out.text},
+                yield chunk([choice(index, delta or {},
                                     logprobs.model_dump() if logprobs else None)])
             if out.finished:
                 finals[index] = out
-                yield chunk([choice(index, {}, None, out.finish_reason)])
+                reason = _finish_reason(tools, index, out.finish_reason)
+                yield chunk([choice(index, {}, None, reason)])
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in the stream
         yield stream_error_event(exc)
     else:

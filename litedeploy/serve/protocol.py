@@ -89,11 +89,19 @@ class ChatMessage(_Strict):
 
     @field_validator("tool_calls")
     @classmethod
-    def _no_tool_calls(cls, tool_calls: list[Any] | None) -> None:
-        if tool_calls:
-            raise _unsupported("tool_calls", "tool calling needs a tool-call parser")
+    def _tool_calls(cls, tool_calls: list[Any] | None) -> list[dict] | None:
+        """An assistant's past calls: [{"id", "type": "function", "function": {"name",
+        "arguments": a JSON string}}], rendered through the chat template."""
+        for call in tool_calls or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                    and isinstance(function.get("arguments"), str | dict)):
+                raise ValueError(  # noqa: TRY004 - pydantic reports ValueError as a 400
+                    'each tool call is {"id": ..., "type": "function", "function": '
+                    '{"name": ..., "arguments": "<JSON>"}}')
+        return tool_calls
 
-    def for_template(self) -> dict[str, str]:
+    def for_template(self) -> dict[str, Any]:
         """The dict the chat template renders; `developer` is OpenAI's newer name of `system`."""
         message = {"role": "system" if self.role == "developer" else self.role,
                    "content": self.content or ""}
@@ -101,6 +109,8 @@ class ChatMessage(_Strict):
             message["name"] = self.name
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
         return message
 
 
@@ -206,13 +216,10 @@ class ChatCompletionRequest(_SamplingRequest):
 
     @model_validator(mode="after")
     def _honourable(self):
-        if self.tools or self.functions:
-            raise _unsupported("tools", "tool calling needs a tool-call parser; remove "
-                                        "`tools` (and `tool_choice`)")
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            raise _unsupported("tool_choice", "remove it")
-        if self.parallel_tool_calls is not None:
-            raise _unsupported("parallel_tool_calls", "remove it")
+        # tools, tool_choice and parallel_tool_calls are checked by serve/tool_chat.py
+        if self.functions or self.function_call not in (None, "none"):
+            raise _unsupported("functions / function_call (deprecated by OpenAI)",
+                               "send `tools` and `tool_choice` instead")
         kind = (self.response_format or {}).get("type", "text")
         if kind != "text":
             raise _unsupported(f"response_format {kind!r}", "only {\"type\": \"text\"} is")
@@ -330,9 +337,21 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the reply is tool calls only
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -26,6 +26,11 @@ def parser_names() -> list[str]:
     return sorted(TOOL_PARSERS)
 
 
+def parser_choices() -> list[str]:
+    """What --tool-call-parser accepts: our names and lmdeploy's / vLLM's for the same formats."""
+    return parser_names() + sorted(_ALIASES)
+
+
 def resolve_parser(override: str | None, model_type: str | None) -> type[ToolCallParser] | None:
     """The parser named by `override`, else the one of the model type (None: no known format).
     An unknown name is a ValueError that lists the choices."""
@@ -39,5 +44,5 @@ def resolve_parser(override: str | None, model_type: str | None) -> type[ToolCal
     return TOOL_PARSERS[name] if name else None
 
 
-__all__ = ["TOOL_PARSERS", "ToolCall", "ToolCallDelta", "ToolCallParser", "parser_names",
-           "resolve_parser"]
+__all__ = ["TOOL_PARSERS", "ToolCall", "ToolCallDelta", "ToolCallParser", "parser_choices",
+           "parser_names", "resolve_parser"]
