@@ -51,6 +51,7 @@ class ServerSettings:
     max_log_len: int | None = None
     disable_fastapi_docs: bool = False
     enable_debug_endpoints: bool = False
+    tool_call_parser: str | None = None  # None: the model type's format (serve/tools)
 
 
 class OpenAIServer:
