@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from litedeploy.config import EngineConfig, GenerationConfig
+from litedeploy.config import EngineConfig, GenerationConfig, GuidedDecoding
 from litedeploy.engine.engine import LLMEngine
+from litedeploy.engine.guided.compiler import COMPILE_TIMEOUT_S
 from litedeploy.engine.request import RequestOutput
 from litedeploy.errors import RequestError
 
@@ -97,6 +98,8 @@ class AsyncEngine:
                 item = await sink.queue.get()
                 if isinstance(item, Exception):
                     finished = True
+        if gen.guided is not None:
+            await self.compile_grammar(gen.guided)
                     raise item
                 finished = item.finished
                 yield item
@@ -114,6 +117,19 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """`fn(engine)` on the engine thread between two steps, so it sees consistent state
+    async def compile_grammar(self, guided: GuidedDecoding) -> None:
+        """Compile (or find cached) a structured-output grammar on the grammar pool, so the
+        engine thread only looks it up; raises RequestError (the library's reason) if it cannot
+        be compiled or takes longer than COMPILE_TIMEOUT_S."""
+        future = self.engine.grammars.compile_async(guided)
+        try:
+            # shielded: a timed-out or disconnected waiter must not cancel the cached compile
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), COMPILE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RequestError(
+                f"compiling the {guided.kind} constraint took longer than "
+                f"{COMPILE_TIMEOUT_S:.0f} s; simplify the schema or pattern") from None
+
         (integrity checks, fault injection in tests)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(_Command("call", "", fn=fn, future=future))

@@ -16,6 +16,7 @@ import torch
 from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine.block_manager import BlockManager
 from litedeploy.engine.detokenizer import IncrementalDetokenizer
+from litedeploy.engine.guided import GrammarCache, GuidedMatcher, register_cache
 from litedeploy.engine.input_builder import build_host_inputs
 from litedeploy.engine.kv_cache import KVCache, plan_cache
 from litedeploy.engine.model_runner import ModelRunner, warm_up_model
@@ -82,6 +83,10 @@ class LLMEngine:
 
             self.runner = TPModelRunner(self.runner, workers)
         self.sampler = Sampler(self.device)
+        # structured output: compiled grammars for this vocabulary (llguidance loads on first use)
+        self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size,
+                                     sorted(bundle.stop_token_ids))
+        register_cache(self.grammars)
         self.num_scheduler_steps = resolve_num_steps(config.num_scheduler_steps, self.device)
         self.num_burst_steps = 0  # decode steps run inside multi-step bursts (introspection)
         self._seq_ids = itertools.count()
@@ -135,6 +140,8 @@ class LLMEngine:
             # fixed per request, so its draws do not depend on what else is in the batch
             gen = dataclasses.replace(gen, random_seed=random.getrandbits(63))
         state = RequestState(request_id, gen, list(prompt_ids), stop_ids, detok)
+        if gen.guided is not None:  # from the cache: AsyncEngine compiled it off this thread
+            state.guided = GuidedMatcher(self.grammars.get(gen.guided))
         seq = Sequence(next(self._seq_ids), list(prompt_ids), len(prompt_ids), max_new,
                        payload=state, skip_prefix_cache=gen.prompt_logprobs is not None)
         self.scheduler.add(seq)  # raises RequestError when it can never fit
@@ -250,7 +257,12 @@ class LLMEngine:
 
     def _sampling_row(self, seq: Sequence):
         state: RequestState = seq.payload
-        return sampling_row(state.gen, state.prompt_ids, state.output_ids, state.stop_ids)
+        row = sampling_row(state.gen, state.prompt_ids, state.output_ids, state.stop_ids)
+        if state.guided is not None:
+            row.grammar = state.guided
+            if state.guided.is_completed:  # the grammar's end wins over min_new_tokens
+                row.suppressed_token_ids = ()
+        return row
 
     def _fail_batch(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
         outputs = []

@@ -32,7 +32,8 @@ def resolve_num_steps(configured: int | None, device: torch.device) -> int:
 def row_can_burst(row: SamplingRow) -> bool:
     """Rows whose next token is a plain argmax of the logits: computable on the device."""
     return (row.is_greedy and not row.has_penalties and not row.suppressed_token_ids
-            and row.num_logprobs is None and not row.logit_bias)
+            and row.num_logprobs is None and not row.logit_bias
+            and row.grammar is None)  # a grammar's mask needs the host between tokens
 
 
 def greedy_next(logits: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from litedeploy.config import GenerationConfig
 from litedeploy.engine.detokenizer import IncrementalDetokenizer
@@ -47,6 +48,8 @@ class RequestState:
     pending_logprobs: list[SampledToken] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_logprobs: PromptLogprobsProgress | None = None  # filled chunk by chunk
+    guided: Any = None  # engine.guided.GuidedMatcher of a structured-output request
+    error: str | None = None
 
     def add_token(self, sampled: SampledToken, max_new_tokens: int) -> None:
         """Account for one sampled token; sets finish_reason when the request is done."""
@@ -63,9 +66,25 @@ class RequestState:
             if self._cut_at_stop_word():
                 self.finish_reason = "stop"
                 return
+        if self.guided is not None and self._grammar_ends(token_id):
+            return
         if len(self.output_ids) >= max_new_tokens:
             self.finish_reason = "length"
             self._flush_text()
+
+    def _grammar_ends(self, token_id: int) -> bool:
+        """Advance the grammar; True when the request ends here (grammar complete, or a token
+        it rejected, which the sampler's mask should have made impossible)."""
+        if not self.guided.accept(token_id):
+            self.finish_reason = "error"
+            self.error = f"token {token_id} does not follow the requested grammar: " + (
+                self.guided.error.splitlines()[0])
+        elif self.guided.must_stop():
+            self.finish_reason = "stop"
+        else:
+            return False
+        self._flush_text()
+        return True
 
     def _flush_text(self) -> None:
         if self.detokenizer is not None:
@@ -105,6 +124,6 @@ class RequestState:
         self.pending_logprobs = []
         return RequestOutput(
             self.request_id, text, token_ids, logprobs, finished, self.finish_reason,
-            len(self.prompt_ids), len(self.output_ids), num_cached_tokens,
+            len(self.prompt_ids), len(self.output_ids), num_cached_tokens, self.error,
             prompt_logprobs=take_prompt_logprobs(self),
         )

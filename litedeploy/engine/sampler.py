@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ class SamplingRow:
     output_token_ids: Sequence[int] = ()
     suppressed_token_ids: Sequence[int] = ()  # logit -> -inf (stop ids before min_new_tokens)
     num_logprobs: int | None = None  # None = none; 0 = chosen token only; up to 20 top ones
+    grammar: Any = None  # engine.guided.GuidedMatcher: only the tokens it allows may follow
     logit_bias: Sequence[tuple[int, float]] = ()  # (token id, added to its logit), OpenAI's
 
     def __post_init__(self) -> None:
@@ -246,6 +248,10 @@ class Sampler:
             scores = apply_penalties(logits.to(torch.float32, copy=True), rows)
             scores = apply_logit_bias(scores, rows)
             scores = apply_suppression(scores, rows)
+        if any(r.grammar is not None for r in rows):  # structured output: last word on the ids
+            from litedeploy.engine.guided.matcher import mask_grammar_rows
+
+            scores = mask_grammar_rows(scores, rows, copy=scores is logits)
         sampled_rows = [i for i, r in enumerate(rows) if not r.is_greedy]
         if not sampled_rows:
             return self._finish(logits, rows, scores.argmax(dim=-1))  # ties -> lowest id

@@ -23,6 +23,7 @@ from litedeploy.engine.sampler import SampledToken
 from litedeploy.serve import protocol as p
 from litedeploy.serve.errors import APIError
 from litedeploy.serve.guards import BODY_READ_TIMEOUT_S, MAX_REQUEST_BYTES, Admission, QueueTicket
+from litedeploy.serve.logprobs_format import token_texts
 from litedeploy.serve.metrics import ServerMetrics
 from litedeploy.serve.streaming import FanOut, SSEResponse, collect_outputs
 
@@ -170,9 +171,10 @@ class OpenAIServer:
         return text
 
     def _top(self, token_id: int, logprob: float | None) -> p.TopLogprob:
-        text = self.token_text(token_id)
-        return p.TopLogprob(token=text, logprob=logprob if logprob is not None else 0.0,
-                            bytes=list(text.encode("utf-8")))
+        texts = token_texts(self.engine.tokenizer)  # bytes-faithful, as in /v1/completions
+        return p.TopLogprob(token=texts.text(token_id),
+                            logprob=logprob if logprob is not None else 0.0,
+                            bytes=list(texts.raw(token_id)))
 
     def chat_logprobs(self, sampled: list[SampledToken] | None) -> p.ChatLogprobs | None:
         if sampled is None:

@@ -108,6 +108,19 @@ def test_echo_logprobs_with_max_tokens_zero_equal_transformers(tiny, client, hf_
     assert bad.status_code == 400 and "echo" in bad.json()["error"]["message"]
 
 
+def test_chat_logprobs_bytes_are_the_tokens_bytes(tiny, client):
+    # a random model emits stray byte pieces: U+FFFD in the text, their real bytes in `bytes`
+    chat = client.chat.completions.create(
+        model=tiny.model_name, messages=[{"role": "user", "content": "书生·浦语"}],
+        max_tokens=24, temperature=0, logprobs=True, top_logprobs=1)
+    content = chat.choices[0].logprobs.content
+    assert any(token.token.startswith("bytes:") for token in content)
+    raw = b"".join(bytes(token.bytes) for token in content)
+    assert raw.decode("utf-8", errors="replace") == chat.choices[0].message.content
+    assert all(token.token == _token_bytes(token.token).decode("utf-8", errors="replace")
+               or token.token.startswith("bytes:") for token in content)
+
+
 def test_streamed_echo_carries_prompt_logprobs(tiny):
     body = {"model": tiny.model_name, "prompt": "hello world", "echo": True, "logprobs": 1,
             "max_tokens": 2, "stream": True}

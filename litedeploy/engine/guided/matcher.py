@@ -1,0 +1,103 @@
+"""Per-request grammar state, advanced with each accepted token on the engine thread, and the
+mask applied to the logits rows that carry a grammar."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+# From this many grammar rows a step, masks are computed on llguidance's thread pool
+PARALLEL_MIN_ROWS = 8
+
+
+class GuidedMatcher:
+    """One request's position in its grammar (a llguidance LLMatcher)."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.matcher = compiled.deep_copy()  # the cached matcher stays at the start
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into bitmask[row] (int32 words, bit i = token i)."""
+        words = bitmask[row]
+        self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
+
+    def accept(self, token_id: int) -> bool:
+        return not self.matcher.is_error() and self.matcher.consume_token(token_id)
+
+    @property
+    def error(self) -> str:
+        return self.matcher.get_error() or "the grammar rejected the token"
+
+    @property
+    def is_completed(self) -> bool:
+        """The text so far is a whole sentence of the grammar (it may still go on)."""
+        return self.matcher.is_accepting()
+
+    def must_stop(self) -> bool:
+        """Complete, and nothing but a stop token may follow: the request ends here, without
+        spending a step on the stop token (the model need not emit EOS)."""
+        return self.matcher.is_stopped()
+
+
+def num_bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def apply_token_bitmask(scores: torch.Tensor, bitmask: torch.Tensor,
+                        row_index: torch.Tensor) -> torch.Tensor:
+    """Set the disallowed ids of the listed rows to -inf, in place; plain torch (CPU and CUDA).
+
+    scores: [num_rows, vocab] float; bitmask: int32 [len(row_index), words] on scores' device;
+    row_index: int64 [len(row_index)] rows of scores that carry a grammar (others untouched).
+    """
+    vocab_size = scores.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
+    allowed = (bitmask.unsqueeze(-1) >> shifts) & 1  # [g, words, 32], bit i of word w = id 32w+i
+    allowed = allowed.view(bitmask.shape[0], -1)[:, :vocab_size].bool()  # [g, vocab]
+    rows = scores.index_select(0, row_index).masked_fill_(~allowed, float("-inf"))
+    return scores.index_copy_(0, row_index, rows)
+
+
+_executor: Any = None
+
+
+def _parallel_executor() -> Any:
+    global _executor
+    if _executor is None:
+        import llguidance
+
+        _executor = llguidance.LLExecutor(num_threads=max(1, min(16, (os.cpu_count() or 2))))
+    return _executor
+
+
+def fill_bitmasks(matchers: list[GuidedMatcher], vocab_size: int) -> torch.Tensor:
+    """int32 [len(matchers), words]: each matcher's allowed next tokens, one row each."""
+    bitmask = torch.zeros(len(matchers), num_bitmask_words(vocab_size), dtype=torch.int32)
+    if len(matchers) >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 2:
+        pairs = [(m.matcher, i) for i, m in enumerate(matchers)]
+        _parallel_executor().unsafe_compute_mask_ptr(
+            pairs, bitmask.data_ptr(), bitmask.shape[1] * 4, len(matchers))
+    else:
+        for i, matcher in enumerate(matchers):
+            matcher.fill_bitmask(bitmask, i)
+    return bitmask
+
+
+def mask_grammar_rows(scores: torch.Tensor, rows: list, copy: bool) -> torch.Tensor:
+    """Fill the masks of the rows whose `grammar` is set and apply them; other rows untouched.
+
+    rows: SamplingRows (row.grammar a GuidedMatcher or None); copy: scores are the raw logits,
+    which logprobs still need, so mask a float32 copy. The bitmask is filled on the host (the
+    forward of this step may still run on the device meanwhile) and moved in one transfer.
+    """
+    grammar_rows = [i for i, r in enumerate(rows) if r.grammar is not None]
+    bitmask = fill_bitmasks([rows[i].grammar for i in grammar_rows], scores.shape[-1])
+    if copy:
+        scores = scores.to(torch.float32, copy=True)
+    row_index = torch.tensor(grammar_rows, dtype=torch.int64)
+    if scores.device.type == "cuda":
+        bitmask = bitmask.pin_memory().to(scores.device, non_blocking=True)
+        row_index = row_index.pin_memory().to(scores.device, non_blocking=True)
+    return apply_token_bitmask(scores, bitmask, row_index)
