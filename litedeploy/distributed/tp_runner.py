@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from litedeploy.distributed.workers import WorkerGroup
+from litedeploy.distributed.workers import WorkerGroup, release_cuda_graphs
 from litedeploy.engine.input_builder import HostStepInputs, build_host_inputs
 from litedeploy.engine.model_runner import ModelRunner
 from litedeploy.engine.scheduler import SchedulerOutput
@@ -14,6 +14,7 @@ class TPModelRunner:
     def __init__(self, runner: ModelRunner, workers: WorkerGroup):
         self.runner = runner
         self.workers = workers
+        workers.before_close.append(lambda: release_cuda_graphs(runner))
 
     @property
     def kv_cache(self):

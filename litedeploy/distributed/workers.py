@@ -8,6 +8,7 @@ inputs never touch NCCL; the forward's collectives run on the main group (NCCL o
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import socket
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -81,6 +83,7 @@ class WorkerGroup:
         for process in self.processes:
             process.start()
         self._closing = False
+        self.before_close: list[Callable[[], None]] = []  # rank 0's own teardown steps
         atexit.register(self.close)
         threading.Thread(target=self._watch, name="litedeploy-tp-watchdog", daemon=True).start()
         if backend == "nccl":
@@ -105,6 +108,8 @@ class WorkerGroup:
         if self._closing:
             return
         self._closing = True
+        for step in self.before_close:  # rank 0 frees its CUDA graphs, as the workers do
+            step()
         try:
             self.call("stop")
         except Exception:  # noqa: BLE001 - workers may be gone already
@@ -169,9 +174,24 @@ class _Worker:
     def run_host(self, host) -> None:
         self.runner.run_host(host)
 
+    def release_graphs(self) -> None:
+        if self.runner is not None:
+            release_cuda_graphs(self.runner)
+
     def run_burst(self, host, num_steps: int) -> None:
         # the logits are all-gathered, so every rank's argmax (and next input) is the same
         self.runner.run_burst(host, num_steps)
+
+
+def release_cuda_graphs(runner) -> None:
+    """Free a model runner's decode graphs before the process group is destroyed: each graph
+    that captured an NCCL all-reduce holds a reference on the communicator, and NCCL's teardown
+    waits for those references to go (pytorch/pytorch#115388: destroy_process_group hangs)."""
+    if runner.graphs is None:
+        return
+    runner.graphs = None  # the runner runs eagerly from here on
+    gc.collect()
+    torch.cuda.synchronize(runner.device)
 
 
 def gather_free_memory(free_bytes: int, control) -> list[int]:
@@ -196,6 +216,7 @@ def _worker_main(rank: int, world_size: int, addr: str, port: int, backend: str,
             dist.broadcast_object_list(message, src=0, group=control)
             method, args = message[0]
             if method == "stop":
+                worker.release_graphs()
                 break
             with torch.inference_mode():
                 getattr(worker, method)(*args)

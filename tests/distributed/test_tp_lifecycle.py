@@ -47,6 +47,7 @@ for tp in (1, 2):
     report[tp] = {"tokens": tokens, "kv_tokens": engine.kv_cache.shape.num_tokens,
                   "burst_steps": engine.num_burst_steps,
                   "graph_replays": graphs.num_replays if graphs is not None else 0}
+    del graphs  # close() frees the graphs (captured all-reduces) before NCCL's teardown
     engine.close()
     report[tp]["worker_exit_codes"] = [p.exitcode for p in processes]
     report[tp]["world_size_after_close"] = tp_state().world_size
