@@ -25,8 +25,9 @@ def tiny(tmp_path_factory):
 
 
 def _engine(folder: str, **overrides) -> LLMEngine:
-    config = EngineConfig(dtype="float32", device="cpu", cache_max_tokens=1024,
-                          cache_block_seq_len=16, check_integrity=True, **overrides)
+    settings = {"cache_max_tokens": 1024, **overrides}
+    config = EngineConfig(dtype="float32", device="cpu", cache_block_seq_len=16,
+                          check_integrity=True, **settings)
     return LLMEngine.from_pretrained(folder, config)
 
 
@@ -98,3 +99,15 @@ def test_logit_bias_steers_greedy_tokens_and_ids_are_validated(tiny):
     assert engine.generate([PROMPT[:12]], banned)[0].token_ids[0] != natural[0]
     with pytest.raises(RequestError, match="logit_bias"):
         engine.add_request("x", PROMPT, GenerationConfig(logit_bias={tiny_models.VOCAB: 1.0}))
+
+
+def test_preempted_requests_keep_one_copy_of_their_prompt_logprobs(tiny):
+    folder, expected = tiny
+    # 7 blocks of 16 tokens: two 70-token prompts growing to 90 tokens cannot both stay
+    engine = _engine(folder, cache_max_tokens=112, max_prefill_token_num=16)
+    gen = GenerationConfig(max_new_tokens=20, ignore_eos=True, prompt_logprobs=NUM_TOP)
+    outputs = engine.generate([PROMPT, PROMPT], gen)
+    assert engine.num_preemptions > 0
+    for out in outputs:
+        _assert_matches(out.prompt_logprobs, expected)
+        assert len(out.token_ids) == 20
