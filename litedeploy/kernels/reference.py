@@ -69,20 +69,21 @@ def paged_attention(
     With quant_bits 4/8 the gathered blocks are dequantized first.
     """
     quant = (k_scales_zeros, v_scales_zeros, quant_bits)
-    if max_q_len == 1 and q.shape[0] == block_tables.shape[0]:
-        return _decode_rows(q, k_cache, v_cache, block_tables, context_lens, max_context_len,
-                            scale, quant)
     q_starts = cu_seqlens_q.tolist()  # host lists: a few ints per sequence, once per layer
     context_list = context_lens.tolist()
     q_lens = [end - start for start, end in itertools.pairwise(q_starts)]
-    out = torch.empty_like(q)
     decode_rows = [row for row, q_len in enumerate(q_lens) if q_len == 1]
-    if decode_rows:
-        rows = torch.tensor(decode_rows, device=q.device)
-        token_rows = torch.tensor([q_starts[row] for row in decode_rows], device=q.device)
-        out[token_rows] = _decode_rows(
-            q[token_rows], k_cache, v_cache, block_tables[rows], context_lens[rows],
-            max(context_list[row] for row in decode_rows), scale, quant)
+    buckets = _length_buckets(decode_rows, context_list, k_cache.shape[1])
+    if len(buckets) == 1 and len(decode_rows) == len(q_lens):  # a plain decode step
+        return _decode_rows(q, k_cache, v_cache, block_tables, context_lens, max_context_len,
+                            scale, quant)
+    out = torch.empty_like(q)
+    for rows in buckets:
+        index = torch.tensor(rows, device=q.device)
+        token_index = torch.tensor([q_starts[row] for row in rows], device=q.device)
+        out[token_index] = _decode_rows(
+            q[token_index], k_cache, v_cache, block_tables[index], context_lens[index],
+            max(context_list[row] for row in rows), scale, quant)
     for row, q_len in enumerate(q_lens):
         if q_len > 1:
             start = q_starts[row]
@@ -90,6 +91,17 @@ def paged_attention(
                 q[start:start + q_len], k_cache, v_cache, block_tables[row],
                 context_list[row], scale, quant)
     return out
+
+
+def _length_buckets(rows: list[int], context_lens: list[int], block_size: int) -> list[list[int]]:
+    """Decode rows grouped by the power of two above their block count: each group is padded
+    to its own longest context, so no row reads more than twice the blocks it needs (one long
+    context beside many short ones padded them all to its length)."""
+    buckets: dict[int, list[int]] = {}
+    for row in rows:
+        num_blocks = -(-context_lens[row] // block_size)
+        buckets.setdefault((num_blocks - 1).bit_length(), []).append(row)
+    return list(buckets.values())
 
 
 def _gather_blocks(
@@ -115,12 +127,12 @@ def _decode_rows(
     tables = block_tables[:, :num_blocks_needed].reshape(-1).long()
     keys = _gather_blocks(k_cache, k_scales_zeros, tables, batch, quant_bits, q.dtype)
     values = _gather_blocks(v_cache, v_scales_zeros, tables, batch, quant_bits, q.dtype)
-    keys, values = keys[:, :max_context_len], values[:, :max_context_len]
-    # slots past a sequence's context hold whatever the cache had (possibly NaN bits): zero them,
-    # as the GPU kernels do by never loading them, so masked scores stay exactly zero
+    keys, values = keys[:, :max_context_len].to(q.dtype), values[:, :max_context_len].to(q.dtype)
+    # slots past a sequence's context hold whatever the cache had (possibly NaN bits): their
+    # scores are masked to -inf, and their values zeroed (in place: the gather is a fresh copy),
+    # as the GPU kernels do by never loading them, so 0 * garbage cannot turn into NaN
     beyond = torch.arange(max_context_len, device=q.device)[None, :] >= context_lens[:, None]
-    keys = keys.masked_fill(beyond[:, :, None, None], 0).to(q.dtype)
-    values = values.masked_fill(beyond[:, :, None, None], 0).to(q.dtype)
+    values.masked_fill_(beyond[:, :, None, None], 0)
     return _decode_attention(q, keys, values, beyond, scale)
 
 
