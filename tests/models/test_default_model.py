@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -64,4 +65,27 @@ def test_chat_session_keeps_history(pipe):
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
     expected = pipe(session.messages[:3], gen)
     assert session.response.text == expected.text
+    assert pipe.engine.block_manager.num_free_blocks == pipe.engine.block_manager.num_blocks
+
+
+def test_chat_with_tools_calls_then_reads_the_result(pipe):
+    """pipe.chat(tools=...): a forced call that fits the function's schema, then the tool's
+    result sent back in the same session."""
+    jsonschema = pytest.importorskip("jsonschema")
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}},
+                  "required": ["city"]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}]
+    gen = GenerationConfig(max_new_tokens=24)
+    session = pipe.chat("What is the weather in Paris?", gen_config=gen, tools=tools,
+                        tool_choice="required")
+    first = session.response
+    assert first.finish_reason == "tool_calls" and first.text == ""
+    [call] = first.tool_calls
+    assert call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+    result = {"role": "tool", "tool_call_id": call["id"], "content": '{"temperature": 22}'}
+    session = pipe.chat(result, session, gen, tools=tools)
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "assistant"]
+    assert session.messages[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert session.response.input_token_len > first.input_token_len + first.generate_token_len
     assert pipe.engine.block_manager.num_free_blocks == pipe.engine.block_manager.num_blocks

@@ -184,3 +184,4 @@ def test_langchain_bind_tools(keyed_server):
     assert isinstance(result, ToolMessage)
     answer = llm.bind_tools([get_weather]).invoke([question, called, result])
     assert answer.content or answer.tool_calls
+
