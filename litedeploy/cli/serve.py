@@ -20,6 +20,8 @@ from litedeploy.serve.tools import parser_choices as tool_parser_choices
 # the server's defaults, repeated here so `--help` works without fastapi installed
 MAX_REQUEST_NEW_TOKENS = 65536
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
+BODY_TIMEOUT_S = 60.0
+MAX_LOG_LEN = 256
 API_SERVER_PORT = 23333
 GRADIO_PORT = 6006
 LOCALHOST = "127.0.0.1"
@@ -80,13 +82,17 @@ def _add_api_server(kinds) -> None:
     group.add_argument("--request-read-timeout", type=_positive_float, default=30.0,
                        help="seconds a client may take to send a request head or to go on with "
                             "its body before the server drops it")
+    group.add_argument("--request-body-timeout", type=_positive_float, default=BODY_TIMEOUT_S,
+                       help="seconds a client may take to send its whole request body (408 "
+                            "after it, however the body trickles)")
     group.add_argument("--timeout-keep-alive", type=_positive_float, default=5.0,
                        help="seconds an idle keep-alive connection stays open")
     group.add_argument("--drain-timeout", type=_positive_float, default=30.0,
                        help="on SIGTERM, seconds in-flight requests may take to finish (new "
                             "ones get 503) before the server exits")
-    group.add_argument("--max-log-len", type=int, default=None,
-                       help="max prompt characters in the request log (default: unlimited)")
+    group.add_argument("--max-log-len", type=int, default=MAX_LOG_LEN,
+                       help="max prompt characters in the request log (--log-level INFO); -1 "
+                            "logs whole prompts")
     group.add_argument("--enable-debug-endpoints", action="store_true",
                        help="serve /debug/state and POST /debug/fail_next_step (tests only)")
     group.add_argument("--disable-fastapi-docs", action="store_true",
@@ -175,7 +181,9 @@ def settings_from(args: argparse.Namespace, model_name: str):
         max_waiting_requests=args.max_waiting_requests,
         max_request_new_tokens=args.max_request_new_tokens,
         max_request_bytes=args.max_request_bytes, body_read_timeout_s=args.request_read_timeout,
-        max_log_len=args.max_log_len, disable_fastapi_docs=args.disable_fastapi_docs,
+        body_timeout_s=args.request_body_timeout,
+        max_log_len=None if args.max_log_len < 0 else args.max_log_len,
+        disable_fastapi_docs=args.disable_fastapi_docs,
         enable_debug_endpoints=args.enable_debug_endpoints,
         tool_call_parser=args.tool_call_parser)
 
@@ -209,8 +217,12 @@ def run_api_server(args: argparse.Namespace) -> int:
         server = DrainingServer(config, app.state.server.admission, args.drain_timeout)
         server.run(sockets=[sock])
     finally:
-        engine.close()
         sock.close()
+        # a step still running (a long prefill) gets the drain timeout again, then is left behind
+        if not engine.close(timeout_s=args.drain_timeout):
+            from litedeploy.serve.runtime import exit_now
+
+            exit_now(0 if sys.exc_info()[0] is None else 1)
     return 0
 
 

@@ -12,6 +12,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,9 @@ from litedeploy.engine.request import RequestOutput
 from litedeploy.errors import RequestError
 
 logger = logging.getLogger(__name__)
+
+# While closing, how often to say that a step still runs.
+CLOSE_LOG_S = 10.0
 
 
 @dataclass
@@ -59,6 +63,11 @@ class AsyncEngine:
         self._sinks: dict[str, _Sink] = {}
         self._ids = itertools.count()
         self._stopped = threading.Event()
+        # counts the engine thread publishes after every step, read without waiting for one
+        # (/debug/state); the block integrity check runs only when idle and when asked
+        self.check_integrity_when_idle = False
+        self.state: dict[str, object] = {}
+        self._publish_state()
         self._thread = threading.Thread(target=self._loop, name="litedeploy-engine", daemon=True)
         self._thread.start()
 
@@ -135,11 +144,23 @@ class AsyncEngine:
         self._commands.put(_Command("call", "", fn=fn, future=future))
         return await asyncio.wrap_future(future)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Stop the engine thread after its current step; False if that step still runs after
+        `timeout_s` (None: wait however long it takes). A process must not exit normally while
+        a step runs: torch aborts it ("terminate called without an active exception"), so a
+        caller that gives up exits with os._exit."""
         self._stopped.set()
         self._commands.put(_Command("abort", ""))
-        self._thread.join(timeout=10)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self._thread.is_alive():
+            left_s = CLOSE_LOG_S if deadline is None else deadline - time.monotonic()
+            if left_s <= 0:
+                break
+            self._thread.join(timeout=min(left_s, CLOSE_LOG_S))
+            if self._thread.is_alive():
+                logger.warning("waiting for the engine step in progress to end")
         self.engine.close()
+        return not self._thread.is_alive()
 
     # ---- the engine thread -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -163,6 +184,22 @@ class AsyncEngine:
                 sink.put(out)
                 if out.finished:
                     self._sinks.pop(out.request_id, None)
+            self._publish_state()
+
+    def _publish_state(self) -> None:
+        """A consistent snapshot of the counts, taken between two steps (one dict assignment,
+        so readers on other threads see the old one or the new one)."""
+        engine = self.engine
+        state: dict[str, object] = dict(engine.stats(), num_engine_requests=len(engine._requests),
+                                        num_engine_streams=len(self._sinks))
+        state["integrity"] = "checked when idle"
+        if self.check_integrity_when_idle and not engine.has_unfinished():
+            try:
+                engine.scheduler.check_integrity()
+                state["integrity"] = "ok"
+            except AssertionError as exc:
+                state["integrity"] = str(exc)
+        self.state = state
 
     def _drain_commands(self, block: bool) -> None:
         try:

@@ -1,8 +1,9 @@
 """Debug endpoints (only with --enable-debug-endpoints): the state a leak test compares, and a
 one-shot fault injected into the next engine step.
 
-Both run their engine part on the engine thread (`AsyncEngine.call`), between two steps, so the
-integrity check never sees a half-updated block table.
+The state is what the engine thread publishes after every step (`AsyncEngine.state`, with the
+block integrity check when idle), so it answers at once even during a long prefill. The fault is
+armed on the engine thread (`AsyncEngine.call`), between two steps.
 """
 
 from __future__ import annotations
@@ -22,19 +23,6 @@ class InjectedFault(RuntimeError):
     """Raised by the next model forward after POST /debug/fail_next_step."""
 
 
-def engine_state(engine: LLMEngine) -> dict[str, object]:
-    """Runs on the engine thread: counts and the integrity check of blocks and queues."""
-    try:
-        engine.scheduler.check_integrity()
-        integrity = "ok"
-    except AssertionError as exc:
-        integrity = str(exc)
-    stats = engine.stats()
-    return {"num_running": stats["num_running"], "num_waiting": stats["num_waiting"],
-            "num_free_blocks": stats["num_free_blocks"], "num_blocks": stats["num_blocks"],
-            "num_engine_requests": len(engine._requests), "integrity": integrity}
-
-
 def arm_fault(engine: LLMEngine) -> None:
     """The next `runner.run` raises once; the engine's own error path (`_fail_batch`) then fails
     exactly the requests of that step."""
@@ -48,12 +36,13 @@ def arm_fault(engine: LLMEngine) -> None:
 
 
 def add_debug_routes(app: FastAPI, server: OpenAIServer) -> None:
+    server.engine.check_integrity_when_idle = True
+
     @app.get("/debug/state")
     async def state() -> dict[str, object]:
-        result = await server.engine.call(engine_state)
+        result = dict(server.engine.state)
         admission = server.admission
         result.update(num_asyncio_tasks=len(asyncio.all_tasks()),
-                      num_engine_streams=len(server.engine._sinks),
                       num_in_flight=admission.num_in_flight, num_queued=admission.num_queued,
                       draining=admission.draining)
         return result

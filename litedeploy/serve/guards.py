@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from litedeploy.serve.errors import APIError, error_bytes
+from litedeploy.serve.inflight import InFlightRequest
 
 # A chat request of a whole 1M-token context is ~5 MB of JSON; anything larger is a mistake.
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
 # A client that stops sending its body for this long is dropped (a half-sent request).
 BODY_READ_TIMEOUT_S = 30.0
+# The whole body must arrive within this, however it trickles (a byte per read timeout would
+# otherwise hold the connection for ever).
+BODY_TIMEOUT_S = 60.0
 # Paths a client may call without an API key (load balancers probe them).
 AUTH_EXEMPT_PATHS = frozenset({"/health"})
 # Endpoints that start a generation and count against the admission limits.
@@ -58,7 +63,12 @@ class ApiKeyGuard:
         if scope["type"] != "http" or scope["path"] in self.public_paths or \
                 scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
-        header = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        headers = [value for name, value in scope.get("headers") or () if name == b"authorization"]
+        if len(headers) > 1:  # which one counts is the proxies' guess: refuse, do not pick one
+            return await send_error(send, APIError(
+                401, f"send one Authorization header, not {len(headers)}",
+                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+        header = headers[0] if headers else b""
         if not self.is_valid(header):
             message = ("invalid API key: send `Authorization: Bearer <key>` with one of the "
                        "server's --api-keys" if header else
@@ -70,13 +80,16 @@ class ApiKeyGuard:
 
 class BodyLimitGuard:
     """413 for bodies over `max_bytes` (at once from Content-Length, else counting what is read);
-    408 when a client stops sending its body for `read_timeout_s`."""
+    408 when a client stops sending its body for `read_timeout_s`, or has not sent all of it
+    `body_timeout_s` after the request head."""
 
     def __init__(self, app: ASGIApp, max_bytes: int = MAX_REQUEST_BYTES,
-                 read_timeout_s: float = BODY_READ_TIMEOUT_S):
+                 read_timeout_s: float = BODY_READ_TIMEOUT_S,
+                 body_timeout_s: float = BODY_TIMEOUT_S):
         self.app = app
         self.max_bytes = max_bytes
         self.read_timeout_s = read_timeout_s
+        self.body_timeout_s = body_timeout_s
 
     def too_large(self) -> APIError:
         return APIError(413, f"the request body is over the limit of {self.max_bytes} bytes "
@@ -91,6 +104,7 @@ class BodyLimitGuard:
             return await send_error(send, self.too_large() if declared.isdigit() else APIError(
                 400, "the Content-Length header is not a number"))
         num_bytes, body_done = 0, False
+        deadline = time.monotonic() + self.body_timeout_s
 
         async def guarded_receive() -> dict:
             from starlette.exceptions import HTTPException
@@ -98,9 +112,14 @@ class BodyLimitGuard:
             nonlocal num_bytes, body_done
             if body_done:  # after the body only a disconnect can come: no deadline
                 return await receive()
+            left_s = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, min(self.read_timeout_s,
+                                                                         left_s)))
             except TimeoutError:
+                if left_s < self.read_timeout_s:
+                    raise HTTPException(408, f"the whole request body must arrive within "
+                                             f"{self.body_timeout_s:g} s") from None
                 raise HTTPException(408, f"the request body did not arrive within "
                                          f"{self.read_timeout_s:g} s") from None
             num_bytes += len(message.get("body", b""))
@@ -122,6 +141,12 @@ class Admission:
     num_in_flight: int = 0
     num_queued: int = 0
     draining: bool = False
+    requests: set[InFlightRequest] = field(default_factory=set, repr=False)
+
+    def cancel_all(self) -> None:
+        """The drain deadline: end every generation in flight (each answers its client)."""
+        for request in list(self.requests):
+            request.cancel_for_shutdown()
 
     def check_queue(self) -> None:
         """Raises 503 when the queue of requests waiting for their first token is full."""
@@ -147,7 +172,8 @@ class QueueTicket:
 
 
 class AdmissionGuard:
-    """Counts generations in flight; answers 503 + Retry-After past the limit or while draining."""
+    """Counts generations in flight; answers 503 + Retry-After past the limit or while draining.
+    Each runs as an `InFlightRequest`: cancelled when its client hangs up before the response."""
 
     def __init__(self, app: ASGIApp, admission: Admission):
         self.app = app
@@ -166,7 +192,10 @@ class AdmissionGuard:
                 f"the server is busy: {state.num_in_flight} requests are running, the limit is "
                 f"{state.max_in_flight} (--max-concurrent-requests); retry later"))
         state.num_in_flight += 1
+        request = InFlightRequest(self.app, scope, receive, send, RETRY_AFTER_S)
+        state.requests.add(request)
         try:
-            await self.app(scope, receive, send)
+            await request.run()
         finally:
+            state.requests.discard(request)
             state.num_in_flight -= 1

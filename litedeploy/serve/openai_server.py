@@ -44,7 +44,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     # added innermost first: CORS outermost so that even error answers carry its headers
     app.add_middleware(AdmissionGuard, admission=server.admission)
     app.add_middleware(BodyLimitGuard, max_bytes=settings.max_request_bytes,
-                       read_timeout_s=settings.body_read_timeout_s)
+                       read_timeout_s=settings.body_read_timeout_s,
+                       body_timeout_s=settings.body_timeout_s)
     if settings.api_keys:  # before the body guard: no key, no body read
         public = AUTH_EXEMPT_PATHS | ({"/metrics"} if settings.metrics_public else set())
         app.add_middleware(ApiKeyGuard, api_keys=settings.api_keys, public_paths=public)
@@ -58,7 +59,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
 
 # ---- routes -------------------------------------------------------------------------------------
 def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with both
     async def health() -> Response:
         # 503 while draining, so load balancers stop sending before the process exits
         return Response(status_code=503 if server.admission.draining else 200)

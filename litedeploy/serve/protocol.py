@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from litedeploy.config import GenerationConfig
+from litedeploy.serve.unicode_check import check_unicode
 
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_TOP_P = 1.0
@@ -48,6 +49,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        check_unicode(data)  # a lone surrogate: a clear 400, not the tokenizer's TypeError
+        return data
+
 
 def _unsupported(what: str, hint: str) -> ValueError:
     return ValueError(f"{what} is not supported by litedeploy; {hint}")
@@ -63,7 +70,8 @@ def _string_list(value: Any, name: str) -> list[str] | None:
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # "function": OpenAI's deprecated name of a tool result, rendered as "tool"
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     # a string, or a list of {"type": "text", "text": ...} parts
     content: Any = None
     name: str | None = None
@@ -103,7 +111,7 @@ class ChatMessage(_Strict):
 
     def for_template(self) -> dict[str, Any]:
         """The dict the chat template renders; `developer` is OpenAI's newer name of `system`."""
-        message = {"role": "system" if self.role == "developer" else self.role,
+        message = {"role": _TEMPLATE_ROLES.get(self.role, self.role),
                    "content": self.content or ""}
         if self.name is not None:
             message["name"] = self.name
@@ -112,6 +120,16 @@ class ChatMessage(_Strict):
         if self.tool_calls:
             message["tool_calls"] = self.tool_calls
         return message
+
+    @model_validator(mode="after")
+    def _content_required(self):
+        # as OpenAI: only an assistant (with tool calls) or a function result may have none
+        if self.content is None and self.role not in ("assistant", "function"):
+            raise ValueError(f"a {self.role!r} message needs content (a string or text parts)")
+        return self
+
+
+_TEMPLATE_ROLES = {"developer": "system", "function": "tool"}
 
 
 class StreamOptions(_Strict):
@@ -213,6 +231,8 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
+    store: bool | None = None  # OpenAI's stored completions: accepted, nothing is stored
+    metadata: dict[str, str] | None = None  # tags for stored completions: accepted, ignored
 
     @model_validator(mode="after")
     def _honourable(self):

@@ -4,16 +4,20 @@
   connects and never sends (or trickles) its request head; this protocol closes those after
   `head_timeout_s`. A body that stops arriving is `BodyLimitGuard`'s job (408).
 - `DrainingServer`: the first SIGTERM stops admitting generations (503 + Retry-After, /health 503),
-  lets those in flight finish for up to `drain_timeout_s`, then shuts down and exits 0. A second
-  SIGTERM or a SIGINT stops at once (uvicorn's own behaviour).
+  lets those in flight finish for up to `drain_timeout_s`, then cancels the rest (each answers its
+  client: a 503 envelope, or an error event and [DONE] on a stream), shuts down and exits 0. A
+  second SIGTERM or a SIGINT stops at once (uvicorn's own behaviour).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 import time
+from typing import NoReturn
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -23,6 +27,8 @@ from litedeploy.serve.guards import Admission
 logger = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.1
+# After the drain deadline, how long cancelled requests may take to send their last bytes.
+CANCEL_GRACE_S = 5.0
 
 
 def timed_h11_protocol(head_timeout_s: float) -> type[H11Protocol]:
@@ -67,6 +73,17 @@ def timed_h11_protocol(head_timeout_s: float) -> type[H11Protocol]:
     return TimedH11Protocol
 
 
+def exit_now(code: int) -> NoReturn:
+    """Exit while the engine thread is still inside a step: a normal interpreter exit would tear
+    down torch's thread pools under it and abort ("terminate called without an active
+    exception", exit -6); os._exit skips that teardown."""
+    logger.warning("the engine step in progress outlived the drain timeout; exiting without it")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, admission: Admission, drain_timeout_s: float):
         super().__init__(config)
@@ -103,4 +120,8 @@ class DrainingServer(uvicorn.Server):
         if self.admission.num_in_flight:
             logger.warning("drain timeout: aborting %d request(s) still in flight",
                            self.admission.num_in_flight)
+            self.admission.cancel_all()
+            deadline = time.monotonic() + CANCEL_GRACE_S
+            while self.admission.num_in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(DRAIN_POLL_S / 10)
         self.should_exit = True

@@ -22,7 +22,13 @@ from litedeploy.engine.request import RequestOutput
 from litedeploy.engine.sampler import SampledToken
 from litedeploy.serve import protocol as p
 from litedeploy.serve.errors import APIError
-from litedeploy.serve.guards import BODY_READ_TIMEOUT_S, MAX_REQUEST_BYTES, Admission, QueueTicket
+from litedeploy.serve.guards import (
+    BODY_READ_TIMEOUT_S,
+    BODY_TIMEOUT_S,
+    MAX_REQUEST_BYTES,
+    Admission,
+    QueueTicket,
+)
 from litedeploy.serve.logprobs_format import token_texts
 from litedeploy.serve.metrics import ServerMetrics
 from litedeploy.serve.streaming import FanOut, SSEResponse, collect_outputs
@@ -33,6 +39,8 @@ logger = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.5
 # Default cap on the tokens one request may ask to generate (n x max_tokens over its prompts).
 MAX_REQUEST_NEW_TOKENS = 65536
+# Prompt characters in the INFO request log: enough to recognise a request, not a whole document.
+MAX_LOG_LEN = 256
 
 
 @dataclass
@@ -49,7 +57,8 @@ class ServerSettings:
     max_request_new_tokens: int = MAX_REQUEST_NEW_TOKENS
     max_request_bytes: int = MAX_REQUEST_BYTES
     body_read_timeout_s: float = BODY_READ_TIMEOUT_S
-    max_log_len: int | None = None
+    body_timeout_s: float = BODY_TIMEOUT_S
+    max_log_len: int | None = MAX_LOG_LEN  # None: whole prompts
     disable_fastapi_docs: bool = False
     enable_debug_endpoints: bool = False
     tool_call_parser: str | None = None  # None: the model type's format (serve/tools)

@@ -1,20 +1,27 @@
 """Engine-side findings of a hostile probe of the server: KV blocks reused most-recent-first (so a
-CPU cache's resident memory stays at the working set), a CPU cache sized for what it can hold, and
-temperatures so small that float32 cannot divide by them."""
+CPU cache's resident memory stays at the working set), a CPU cache sized for what it can hold,
+temperatures so small that float32 cannot divide by them, and closing while a step runs."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from litedeploy.config import CacheConfig, GenerationConfig
+from litedeploy.config import CacheConfig, EngineConfig, GenerationConfig
 from litedeploy.engine import kv_cache
+from litedeploy.engine.async_engine import AsyncEngine
 from litedeploy.engine.block_manager import BlockManager
+from litedeploy.engine.engine import LLMEngine
 from litedeploy.engine.sampler import Sampler, SamplingRow
 from litedeploy.engine.sequence import Sequence
+from litedeploy.model_bundle import load_bundle
+from tests.helpers import tiny_models
 
 _seq_ids = itertools.count()
 
@@ -94,3 +101,38 @@ def test_small_but_usable_temperature_still_samples() -> None:
     row = SamplingRow(greedy=False, temperature=0.01, seed=3)
     assert not row.is_greedy
     assert not GenerationConfig(do_sample=True, temperature=0.01).is_greedy
+
+
+def test_close_waits_for_the_step_in_progress(tmp_path) -> None:
+    """A process that exits while the engine thread is inside a step aborts in torch; close()
+    waits for the step (or says it gave up, so the server can leave with os._exit)."""
+    folder, _ = tiny_models.make_internlm2(tmp_path / "internlm2")
+    bundle = load_bundle(str(folder), EngineConfig(dtype="float32", device="cpu"))
+    engine = AsyncEngine(LLMEngine(bundle, EngineConfig(cache_max_tokens=256)))
+    in_step, release = threading.Event(), threading.Event()
+    real_step = engine.engine.step
+
+    def long_step():  # stands for a long prefill
+        if engine.engine.has_unfinished():
+            in_step.set()
+            release.wait(30)
+        return real_step()
+
+    engine.engine.step = long_step
+
+    async def scenario() -> tuple[bool, float, bool]:
+        stream = engine.generate(None, GenerationConfig(max_new_tokens=2), input_ids=[1, 5, 9])
+        first = asyncio.ensure_future(anext(stream))
+        assert await asyncio.to_thread(in_step.wait, 30)
+        start = time.monotonic()
+        gave_up = engine.close(timeout_s=0.3)
+        waited_s = time.monotonic() - start
+        still_running = engine._thread.is_alive()
+        release.set()
+        await first
+        await stream.aclose()
+        return gave_up, waited_s, still_running
+
+    stopped, waited_s, still_running = asyncio.run(scenario())
+    assert not stopped and still_running and 0.25 < waited_s < 5
+    assert engine.close() and not engine._thread.is_alive()
