@@ -99,6 +99,8 @@ class AsyncEngine:
         gen = gen or GenerationConfig()
         prompt_ids = input_ids if input_ids is not None else self.encode_text(prompt)
         request_id = request_id or f"req-{next(self._ids)}"
+        if gen.guided is not None:
+            await self.compile_grammar(gen.guided)
         sink = _Sink(asyncio.get_running_loop())
         self._commands.put(_Command("add", request_id, prompt_ids, gen, sink))
         finished = False
@@ -107,8 +109,6 @@ class AsyncEngine:
                 item = await sink.queue.get()
                 if isinstance(item, Exception):
                     finished = True
-        if gen.guided is not None:
-            await self.compile_grammar(gen.guided)
                     raise item
                 finished = item.finished
                 yield item
@@ -118,14 +118,6 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(_Command("abort", request_id))
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(_Command("abort", request_id))
-
-    def stats(self) -> dict[str, float]:
-        return self.engine.stats()
-
-    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """`fn(engine)` on the engine thread between two steps, so it sees consistent state
     async def compile_grammar(self, guided: GuidedDecoding) -> None:
         """Compile (or find cached) a structured-output grammar on the grammar pool, so the
         engine thread only looks it up; raises RequestError (the library's reason) if it cannot
@@ -139,6 +131,14 @@ class AsyncEngine:
                 f"compiling the {guided.kind} constraint took longer than "
                 f"{COMPILE_TIMEOUT_S:.0f} s; simplify the schema or pattern") from None
 
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Command("abort", request_id))
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """`fn(engine)` on the engine thread between two steps, so it sees consistent state
         (integrity checks, fault injection in tests)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(_Command("call", "", fn=fn, future=future))
