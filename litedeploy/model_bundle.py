@@ -41,9 +41,13 @@ class ModelBundle:
         return next(self.model.parameters()).dtype
 
 
-def resolve_model_path(model_path: str | None) -> str:
+def resolve_model_path(model_path: str | None, revision: str | None = None,
+                       gguf_file: str | None = None) -> str:
+    """A local path: the path itself, a hub id's download (or cache), or the embedded default."""
     if model_path:
-        return model_path
+        from litedeploy.hub import resolve_model
+
+        return resolve_model(model_path, revision, gguf_file)
     from litedeploy.loader.default_model import default_model_path
 
     return default_model_path()

@@ -41,7 +41,19 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
                              "SmolLM2-135M-Instruct)")
 
 
+def add_hub_args(parser: argparse.ArgumentParser) -> None:
+    """How a model id (`org/name`, not an existing path) is fetched from the hub."""
+    group = parser.add_argument_group("model id (Hugging Face Hub, or ModelScope with "
+                                      "LITEDEPLOY_USE_MODELSCOPE=True)")
+    group.add_argument("--revision", default=None,
+                       help="branch, tag or commit of a model id (default: main)")
+    group.add_argument("--gguf-file", default=None,
+                       help="the one GGUF file to fetch from a model id's repository (or write "
+                            "the id as org/name:Q4_K_M)")
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    add_hub_args(parser)
     group = parser.add_argument_group("engine")
     group.add_argument("--dtype", default="auto",
                        choices=["auto", "float32", "float16", "bfloat16"],

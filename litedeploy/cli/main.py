@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        _resolve_model_id(args)
         return int(args.run(args) or 0)
     except (LiteDeployError, ValueError, FileNotFoundError) as exc:
         # bad input the user can fix (LiteDeployError subclasses ValueError/FileNotFoundError)
@@ -68,6 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _resolve_model_id(args: argparse.Namespace) -> None:
+    """Every subcommand takes a hub model id where it takes a path (a URL is left alone)."""
+    model = getattr(args, "model_path", None)
+    if model and "://" not in model:
+        from litedeploy.hub import resolve_model
+
+        args.model_path = resolve_model(model, getattr(args, "revision", None),
+                                        getattr(args, "gguf_file", None))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,11 @@ class ModelSource:
 
     @property
     def name(self) -> str:
-        return self.path.stem if self.is_gguf else self.path.name
+        if self.is_gguf:
+            return self.path.stem
+        from litedeploy.hub import repo_name_of
+
+        return repo_name_of(self.path) or self.path.name  # a hub cache folder: its repo id
 
 
 def open_source(model_path: str | Path) -> ModelSource:
