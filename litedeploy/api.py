@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from litedeploy.chat.prompt import PromptEncoder
+from litedeploy.chat.structured import ResponseFormat, guided_from_response_format
 from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine.engine import LLMEngine
 from litedeploy.engine.request import RequestOutput
@@ -53,11 +55,16 @@ class Pipeline:
         return self.prompts.encode(prompt, do_preprocess)
 
     def __call__(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | None = None,
-                 do_preprocess: bool = True) -> Response | list[Response]:
+                 do_preprocess: bool = True, response_format: ResponseFormat = None,
+                 ) -> Response | list[Response]:
+        """`response_format`: OpenAI's {"type": "json_object"} / {"type": "json_schema", ...},
+        a pydantic model class or a GuidedDecoding: the text then follows it (structured
+        output; gen_config.guided does the same)."""
         single = isinstance(prompts, str) or (
             bool(prompts) and isinstance(prompts[0], dict))
         batch = [prompts] if single else list(prompts)
         responses = [Response("", 0, 0, None, index=i) for i in range(len(batch))]
+        gen_config = with_response_format(gen_config, response_format)
         for delta in self.stream_infer(batch, gen_config, do_preprocess):
             total = responses[delta.index]
             total.text += delta.text
@@ -104,10 +111,12 @@ class Pipeline:
 
     def chat(self, prompt: str | dict | list[dict], session: Session | None = None,
              gen_config: GenerationConfig | None = None, tools: list[dict] | None = None,
-             tool_choice: str | dict | None = None) -> Session:
+             tool_choice: str | dict | None = None,
+             response_format: ResponseFormat = None) -> Session:
         """One turn. `prompt`: the user's text, or messages to append (e.g. a tool result,
         {"role": "tool", "tool_call_id": ..., "content": ...}). `tools` (OpenAI's format): the
         model may call them; the calls are in `session.response.tool_calls`."""
+        gen_config = with_response_format(gen_config, response_format)
         session = session or self.session()
         new = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else (
             [prompt] if isinstance(prompt, dict) else list(prompt))
@@ -134,6 +143,14 @@ class Pipeline:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def with_response_format(gen: GenerationConfig | None,
+                         response_format: ResponseFormat) -> GenerationConfig | None:
+    guided = guided_from_response_format(response_format)
+    if guided is None:
+        return gen
+    return dataclasses.replace(gen or GenerationConfig(), guided=guided)
 
 
 def _to_response(out: RequestOutput, index: int) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from litedeploy.cli.args import (
@@ -14,6 +15,7 @@ from litedeploy.cli.args import (
     engine_config_from,
     generation_config_from,
 )
+from litedeploy.config import GuidedDecoding
 from litedeploy.errors import RequestError
 
 DESCRIPTION = """\
@@ -32,6 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                    description=DESCRIPTION, formatter_class=_ChatHelpFormatter)
     add_model_arg(parser)
     parser.add_argument("--system", default=None, help="system prompt of every session")
+    parser.add_argument("--json", action="store_true",
+                        help="every reply is a JSON object (structured output, as OpenAI's "
+                             "response_format json_object)")
     add_generation_args(parser)
     add_engine_args(parser)
     # the history is re-sent each turn: reusing its KV blocks makes later turns cheap
@@ -59,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from litedeploy.engine.async_engine import AsyncEngine
 
     gen = generation_config_from(args)
+    if args.json:
+        gen = dataclasses.replace(gen, guided=GuidedDecoding("json_object"))
     try:
         gen.validate()
     except ValueError as exc:

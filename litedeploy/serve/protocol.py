@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from litedeploy.config import GenerationConfig
+from litedeploy.serve.structured import GuidedFields
 from litedeploy.serve.unicode_check import check_unicode
 
 DEFAULT_TEMPERATURE = 0.7
@@ -136,7 +137,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Strict):
+class _SamplingRequest(_Strict, GuidedFields):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str
@@ -217,6 +218,7 @@ class _SamplingRequest(_Strict):
             skip_special_tokens=self.skip_special_tokens,
             logprobs=num_logprobs,
             logit_bias=self.logit_bias,
+            guided=self.guided,  # response_format / guided_* (serve/structured.py)
         )
 
 
@@ -240,9 +242,6 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.functions or self.function_call not in (None, "none"):
             raise _unsupported("functions / function_call (deprecated by OpenAI)",
                                "send `tools` and `tool_choice` instead")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise _unsupported(f"response_format {kind!r}", "only {\"type\": \"text\"} is")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
@@ -262,6 +261,7 @@ class CompletionRequest(_SamplingRequest):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # vLLM's extra
     suffix: str | None = None
     best_of: int | None = None
+    response_format: dict[str, Any] | None = None  # json_object / json_schema, as vLLM takes
 
     @field_validator("prompt")
     @classmethod
