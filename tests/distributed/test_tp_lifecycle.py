@@ -168,7 +168,10 @@ def test_tp2_gpu_api_server_serves_and_exits(tmp_path):
         assert 1 <= reply.usage.completion_tokens <= 12
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log_path.read_text(errors="replace")
-        alive = [pid for pid in workers if _is_running(pid)]
+        deadline = time.monotonic() + 15  # children (worker, resource tracker) end with it
+        while (alive := [pid for pid in workers if _is_running(pid)]) and (
+                time.monotonic() < deadline):
+            time.sleep(0.2)
         assert not alive, f"workers still running after the server exited: {alive}"
     finally:
         _kill_group(proc)  # no-op when all exited; otherwise nothing outlives the test
