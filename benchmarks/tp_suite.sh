@@ -4,7 +4,8 @@
 # throughput (1000 x 512 in / 256 out) at tp 1 and tp 2 on the InternLM2-1.8B shape and tp 2 on
 # the InternLM2-7B shape (dummy weights, bfloat16). A table is printed last.
 # $OUT gets tp.log, tests.txt, gpu-h200-tp.json (every result) and gpu-h200-tp.md.
-#   run:  OUT=... bash benchmarks/tp_suite.sh      (WHL=dir of serve wheels to install first)
+#   run:  OUT=... bash benchmarks/tp_suite.sh   (WHL=a folder of wheels for the api_server test:
+#         fastapi and its needs, opentelemetry-api included; uvicorn, pydantic, openai)
 set -o pipefail
 OUT=${OUT:-benchmarks/results/local-tp}
 RAW=${RAW:-/tmp/litedeploy-tp-raw}
