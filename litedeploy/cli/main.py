@@ -12,7 +12,7 @@ from litedeploy.cli.args import HelpFormatter
 from litedeploy.errors import LiteDeployError
 
 # subcommand modules; each defines add_parser(subparsers) and run(args) -> int
-_COMMANDS = ("chat", "serve", "bench", "info", "lite")
+_COMMANDS = ("chat", "serve", "bench", "info", "lite", "check")
 
 
 def _normalize_flags(argv: list[str]) -> list[str]:
