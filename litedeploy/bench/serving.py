@@ -21,6 +21,22 @@ from dataclasses import dataclass, field
 TOPICS = ("cats", "the sea", "a lighthouse", "bread", "trains", "the moon", "a garden", "rain",
           "chess", "a library", "mountains", "coffee", "a violin", "winter", "bees", "a bridge")
 NUM_ERROR_SAMPLES = 5
+# --response-format json: every request asks for this schema. Its array needs more items than a
+# run's max_tokens can hold, so constrained replies run to max_tokens like ignore_eos ones do and
+# the two runs compare token rates over equal lengths.
+BENCH_JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "facts": {"type": "array", "minItems": 1024, "items": {
+            "type": "object",
+            "properties": {"topic": {"type": "string"}, "detail": {"type": "string"},
+                           "score": {"type": "integer"}},
+            "required": ["topic", "detail", "score"]}},
+    },
+    "required": ["title", "facts"],
+}
+RESPONSE_FORMATS = ("text", "json")
 
 
 @dataclass
@@ -51,9 +67,12 @@ def make_token_prompts(num_prompts: int, input_len: int, vocab_size: int,
 
 
 def _payload(endpoint: str, model: str, prompt: str | list[int], max_tokens: int,
-             ignore_eos: bool) -> dict:
+             ignore_eos: bool, response_format: str = "text") -> dict:
     body = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0.0,
             "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}}
+    if response_format == "json":
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "facts", "schema": BENCH_JSON_SCHEMA}}
     if endpoint == "chat":
         return {**body, "messages": [{"role": "user", "content": prompt}]}
     return {**body, "prompt": prompt}
@@ -133,12 +152,16 @@ async def run_serving_async(url: str, num_prompts: int, request_rate: float = ma
                             endpoint: str = "chat", model: str | None = None,
                             api_key: str | None = None, seed: int = 0, ignore_eos: bool = True,
                             timeout_s: float = 600.0, verify: bool | str = True,
-                            input_len: int | None = None, vocab_size: int = 32000) -> dict:
-    """`input_len`: prompts of that many random token ids below `vocab_size` (completions only)."""
+                            input_len: int | None = None, vocab_size: int = 32000,
+                            response_format: str = "text") -> dict:
+    """`input_len`: prompts of that many random token ids below `vocab_size` (completions only).
+    `response_format` "json": every request carries a json_schema (structured output)."""
     import httpx
 
     if input_len is not None and endpoint != "completions":
         raise ValueError("token-id prompts (input_len) go to the completions endpoint only")
+    if response_format not in RESPONSE_FORMATS:
+        raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}")
 
     base_url = url.rstrip("/").removesuffix("/v1")
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
@@ -160,7 +183,7 @@ async def run_serving_async(url: str, num_prompts: int, request_rate: float = ma
                 peak = max(peak, in_flight)
                 try:
                     return await _one_request(client, base_url + path, _payload(
-                        endpoint, model, prompt, max_tokens, ignore_eos))
+                        endpoint, model, prompt, max_tokens, ignore_eos, response_format))
                 finally:
                     in_flight -= 1
 
@@ -176,7 +199,8 @@ async def run_serving_async(url: str, num_prompts: int, request_rate: float = ma
         duration_s = time.perf_counter() - start
     return summarize(results, duration_s, peak, url=base_url, endpoint=endpoint, model=model,
                      num_prompts=num_prompts, request_rate=request_rate,
-                     max_concurrency=max_concurrency, max_tokens=max_tokens, input_len=input_len)
+                     max_concurrency=max_concurrency, max_tokens=max_tokens, input_len=input_len,
+                     response_format=response_format)
 
 
 def summarize(results: list[RequestResult], duration_s: float, peak_concurrency: int,
@@ -209,6 +233,6 @@ def summarize(results: list[RequestResult], duration_s: float, peak_concurrency:
 def run_serving(url: str, num_prompts: int, request_rate: float = math.inf,
                 max_concurrency: int | None = None, **options) -> dict:
     """Blocking wrapper of `run_serving_async` (options: max_tokens, endpoint, model, api_key,
-    seed, ignore_eos, timeout_s, verify, input_len, vocab_size)."""
+    seed, ignore_eos, timeout_s, verify, input_len, vocab_size, response_format)."""
     return asyncio.run(run_serving_async(url, num_prompts, request_rate, max_concurrency,
                                          **options))

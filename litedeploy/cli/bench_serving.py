@@ -38,6 +38,9 @@ def add_serving_parser(kinds) -> None:
                              "completions; default: short chat-style text prompts)")
     parser.add_argument("--vocab-size", type=positive_int, default=32000,
                         help="with --input-len: token ids are drawn below this")
+    parser.add_argument("--response-format", choices=["text", "json"], default="text",
+                        help="json: every request asks for a JSON schema (structured output); "
+                             "its replies run to --max-tokens like ignore_eos ones")
     parser.add_argument("--model", default=None, help="default: the first of /v1/models")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                         help="one of the server's --api-keys (default: $OPENAI_API_KEY)")
@@ -65,7 +68,7 @@ def run_serving_cli(args: argparse.Namespace) -> int:
                          api_key=args.api_key, seed=args.seed,
                          ignore_eos=not args.no_ignore_eos, timeout_s=args.timeout,
                          verify=not args.insecure, input_len=args.input_len,
-                         vocab_size=args.vocab_size)
+                         vocab_size=args.vocab_size, response_format=args.response_format)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output_json:
