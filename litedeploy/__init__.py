@@ -1,9 +1,9 @@
 """litedeploy: deploy and serve chat LLMs on one modest GPU or a plain CPU."""
 
-from litedeploy.config import EngineConfig, GenerationConfig
+from litedeploy.config import EngineConfig, GenerationConfig, GuidedDecoding
 
 __version__ = "0.1.0"
-__all__ = ["EngineConfig", "GenerationConfig", "__version__", "pipeline"]
+__all__ = ["EngineConfig", "GenerationConfig", "GuidedDecoding", "__version__", "pipeline"]
 
 
 def __getattr__(name: str):

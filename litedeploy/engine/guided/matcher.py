@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 # From this many grammar rows a step, masks are computed on llguidance's thread pool
@@ -46,17 +47,24 @@ def num_bitmask_words(vocab_size: int) -> int:
 
 
 def apply_token_bitmask(scores: torch.Tensor, bitmask: torch.Tensor,
-                        row_index: torch.Tensor) -> torch.Tensor:
-    """Set the disallowed ids of the listed rows to -inf, in place; plain torch (CPU and CUDA).
+                        row_index: torch.Tensor | None) -> torch.Tensor:
+    """Set the disallowed ids of the listed rows to -inf, in place (CPU and CUDA).
 
-    scores: [num_rows, vocab] float; bitmask: int32 [len(row_index), words] on scores' device;
-    row_index: int64 [len(row_index)] rows of scores that carry a grammar (others untouched).
+    scores: [num_rows, vocab] float; bitmask: int32 [g, words] (bit i of word w = id 32w+i),
+    on the host for CPU scores, on the device for CUDA ones; row_index: int64 [g] rows of
+    scores that carry a grammar (others untouched), or None when every row does.
     """
     vocab_size = scores.shape[-1]
-    shifts = torch.arange(32, dtype=torch.int32, device=scores.device)
-    allowed = (bitmask.unsqueeze(-1) >> shifts) & 1  # [g, words, 32], bit i of word w = id 32w+i
-    allowed = allowed.view(bitmask.shape[0], -1)[:, :vocab_size].bool()  # [g, vocab]
-    rows = scores.index_select(0, row_index).masked_fill_(~allowed, float("-inf"))
+    if bitmask.device.type == "cpu":  # numpy unpacks bits ~50x faster than shifts on the CPU
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        disallowed = torch.from_numpy(bits[:, :vocab_size]) == 0  # [g, vocab]
+    else:
+        shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+        bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [g, words, 32]
+        disallowed = bits.view(bitmask.shape[0], -1)[:, :vocab_size] == 0  # [g, vocab]
+    if row_index is None:
+        return scores.masked_fill_(disallowed, float("-inf"))
+    rows = scores.index_select(0, row_index).masked_fill_(disallowed, float("-inf"))
     return scores.index_copy_(0, row_index, rows)
 
 
@@ -96,8 +104,11 @@ def mask_grammar_rows(scores: torch.Tensor, rows: list, copy: bool) -> torch.Ten
     bitmask = fill_bitmasks([rows[i].grammar for i in grammar_rows], scores.shape[-1])
     if copy:
         scores = scores.to(torch.float32, copy=True)
-    row_index = torch.tensor(grammar_rows, dtype=torch.int64)
+    row_index = None
+    if len(grammar_rows) < len(rows):
+        row_index = torch.tensor(grammar_rows, dtype=torch.int64)
     if scores.device.type == "cuda":
         bitmask = bitmask.pin_memory().to(scores.device, non_blocking=True)
-        row_index = row_index.pin_memory().to(scores.device, non_blocking=True)
+        if row_index is not None:
+            row_index = row_index.pin_memory().to(scores.device, non_blocking=True)
     return apply_token_bitmask(scores, bitmask, row_index)
