@@ -36,7 +36,12 @@ BENCH_JSON_SCHEMA = {
     },
     "required": ["title", "facts"],
 }
-RESPONSE_FORMATS = ("text", "json")
+# --tools: every chat request offers this tool and requires a call (a grammar-forced
+# `tool_choice: "required"`); its arguments are the schema above, so calls run to max_tokens too.
+BENCH_TOOL = {"type": "function", "function": {
+    "name": "record_facts", "description": "Record facts about the topic",
+    "parameters": BENCH_JSON_SCHEMA}}
+RESPONSE_FORMATS = ("text", "json", "tools")
 
 
 @dataclass
@@ -73,6 +78,8 @@ def _payload(endpoint: str, model: str, prompt: str | list[int], max_tokens: int
     if response_format == "json":
         body["response_format"] = {"type": "json_schema", "json_schema": {
             "name": "facts", "schema": BENCH_JSON_SCHEMA}}
+    elif response_format == "tools":
+        body.update(tools=[BENCH_TOOL], tool_choice="required")
     if endpoint == "chat":
         return {**body, "messages": [{"role": "user", "content": prompt}]}
     return {**body, "prompt": prompt}
@@ -81,7 +88,11 @@ def _payload(endpoint: str, model: str, prompt: str | list[int], max_tokens: int
 def _chunk_text(chunk: dict) -> str:
     texts = []
     for choice in chunk.get("choices") or ():
-        texts.append((choice.get("delta") or {}).get("content") or choice.get("text") or "")
+        delta = choice.get("delta") or {}
+        texts.append(delta.get("content") or choice.get("text") or "")
+        # --tools: the reply streams as argument pieces of tool calls
+        texts += [(call.get("function") or {}).get("arguments") or ""
+                  for call in delta.get("tool_calls") or ()]
     return "".join(texts)
 
 
@@ -162,6 +173,8 @@ async def run_serving_async(url: str, num_prompts: int, request_rate: float = ma
         raise ValueError("token-id prompts (input_len) go to the completions endpoint only")
     if response_format not in RESPONSE_FORMATS:
         raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}")
+    if response_format == "tools" and endpoint != "chat":
+        raise ValueError("tool calls (--tools) are a chat endpoint feature")
 
     base_url = url.rstrip("/").removesuffix("/v1")
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"

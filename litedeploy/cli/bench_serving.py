@@ -41,6 +41,9 @@ def add_serving_parser(kinds) -> None:
     parser.add_argument("--response-format", choices=["text", "json"], default="text",
                         help="json: every request asks for a JSON schema (structured output); "
                              "its replies run to --max-tokens like ignore_eos ones")
+    parser.add_argument("--tools", action="store_true",
+                        help="every chat request offers a tool and requires a call (grammar-"
+                             "forced tool_choice required); replies stream as tool calls")
     parser.add_argument("--model", default=None, help="default: the first of /v1/models")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                         help="one of the server's --api-keys (default: $OPENAI_API_KEY)")
@@ -63,12 +66,17 @@ def run_serving_cli(args: argparse.Namespace) -> int:
         print("litedeploy: error: --input-len sends token-id prompts, which only "
               "--endpoint completions takes", file=sys.stderr)
         return 2
+    if args.tools and (args.endpoint != "chat" or args.response_format != "text"):
+        print("litedeploy: error: --tools needs --endpoint chat and no --response-format",
+              file=sys.stderr)
+        return 2
     result = run_serving(args.url, args.num_prompts, args.request_rate, args.max_concurrency,
                          max_tokens=args.max_tokens, endpoint=args.endpoint, model=args.model,
                          api_key=args.api_key, seed=args.seed,
                          ignore_eos=not args.no_ignore_eos, timeout_s=args.timeout,
                          verify=not args.insecure, input_len=args.input_len,
-                         vocab_size=args.vocab_size, response_format=args.response_format)
+                         vocab_size=args.vocab_size,
+                         response_format="tools" if args.tools else args.response_format)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output_json:

@@ -184,3 +184,22 @@ def test_langchain_bind_tools(keyed_server):
     assert isinstance(result, ToolMessage)
     answer = llm.bind_tools([get_weather]).invoke([question, called, result])
     assert answer.content or answer.tool_calls
+
+
+def test_bench_serving_with_tools(keyed_server):
+    """`bench serving --tools`: grammar-forced calls, streamed as tool-call pieces, run to
+    max_tokens (the tool's schema cannot close sooner)."""
+    import time
+
+    from litedeploy.bench.serving import run_serving
+    from litedeploy.cli.main import main
+
+    assert main(["bench", "serving", "--tools", "--endpoint", "completions"]) == 2
+    for _ in range(3):  # one request at a time on this server: a just-finished one may hold it
+        result = run_serving(keyed_server.url, 1, max_concurrency=1, max_tokens=8,
+                             api_key=API_KEY, model=KEYED_MODEL_NAME, response_format="tools")
+        if result["errors_by_status"] != {"503": 1}:
+            break
+        time.sleep(1)
+    assert result["errors"] == 0, result["error_samples"]
+    assert result["total_output_tokens"] == 8 and result["ttft_ms"] is not None
