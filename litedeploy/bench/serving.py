@@ -238,6 +238,9 @@ def summarize(results: list[RequestResult], duration_s: float, peak_concurrency:
         "output_throughput_tok_per_s": round(num_output / duration_s, 2) if duration_s else None,
         "ttft_ms": percentiles_ms([r.ttft_s for r in done if r.ttft_s is not None]),
         "tpot_ms": percentiles_ms(tpots),
+        # every request's values, for the distributions of `bench serving --plot`
+        "ttft_ms_all": [round(1000 * r.ttft_s, 2) for r in done if r.ttft_s is not None],
+        "tpot_ms_all": [round(1000 * value, 3) for value in tpots],
         "itl_ms": percentiles_ms([s for r in done for s in r.inter_token_s]),
         "e2e_latency_ms": percentiles_ms([r.latency_s for r in done]),
     }

@@ -50,11 +50,43 @@ def add_parser(subparsers) -> None:
     latency.add_argument("--llama-cpp-threads", type=int, default=None,
                          help="with --compare-llama-cpp: llama.cpp's threads (default: as many "
                               "as torch uses)")
+    latency.add_argument("--plot", default=None, metavar="FILE.png",
+                         help="also draw the result (with the bandwidth roofline on CUDA)")
     latency.set_defaults(run=run_latency)
+
+    sweep = kinds.add_parser("sweep", help="decode latency over a ladder of batch sizes, with "
+                             "the measured bandwidth roofline", formatter_class=HelpFormatter)
+    _common(sweep)
+    sweep.add_argument("--batch-sizes", type=_int_list, default=None,
+                       help="comma-separated (default: 1, 2, 4, ... up to --max-batch-size)")
+    sweep.add_argument("--input-len", type=int, default=128)
+    sweep.add_argument("--output-len", type=int, default=128)
+    sweep.add_argument("--num-iters", type=int, default=2)
+    sweep.add_argument("--plot", default=None, metavar="FILE.png",
+                       help="also draw latency and tokens/s against batch size")
+    sweep.set_defaults(run=run_sweep)
 
     from litedeploy.cli.bench_serving import add_serving_parser
 
     add_serving_parser(kinds)  # load generator against a running api_server
+    serving = kinds.choices["serving"]
+    serving.add_argument("--concurrency", type=_int_list, default=None,
+                         help="comma-separated ladder of --max-concurrency values, one run each")
+    serving.add_argument("--plot", default=None, metavar="FILE.png",
+                         help="also draw throughput against concurrency and the TTFT / TPOT "
+                              "distributions")
+    serving.set_defaults(run=run_serving_ladder)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +135,62 @@ def run_latency(args: argparse.Namespace) -> int:
     if args.compare_llama_cpp:
         _compare_llama_cpp(args, engine, ours, result)
     write_json(result, args.output_json)
+    if args.plot:
+        from litedeploy.bench.plots import plot_latency_sweep, sweep_from_latency
+        from litedeploy.bench.sweep import measured_bandwidth
+
+        sweep = sweep_from_latency(result)
+        copy = measured_bandwidth(engine.device)
+        sweep["copy_bandwidth_tb_s"] = copy["copy_bandwidth_tb_s"] if copy else None
+        print(f"plot: {plot_latency_sweep(sweep, args.plot)}")
     return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from litedeploy.bench.common import write_json
+    from litedeploy.bench.sweep import batch_ladder
+    from litedeploy.bench.sweep import run_sweep as sweep
+
+    sizes = args.batch_sizes or batch_ladder(args.max_batch_size)
+    # the engine must take the largest rung in one step
+    args.max_batch_size = max(args.max_batch_size, *sizes)
+    result = sweep(_engine(args), sizes, args.input_len, args.output_len, args.num_iters)
+    write_json(result, args.output_json)
+    if args.plot:
+        from litedeploy.bench.plots import plot_latency_sweep
+
+        print(f"plot: {plot_latency_sweep(result, args.plot)}")
+    return 0
+
+
+def run_serving_ladder(args: argparse.Namespace) -> int:
+    """`bench serving` as before, once per --concurrency rung; --plot draws the runs."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from litedeploy.cli.bench_serving import run_serving_cli
+
+    if not args.concurrency and not args.plot:
+        return run_serving_cli(args)
+    output_json, runs, code = args.output_json, [], 0
+    with tempfile.TemporaryDirectory() as scratch:
+        for rung in args.concurrency or [args.max_concurrency]:
+            args.max_concurrency = rung
+            args.output_json = str(Path(scratch) / f"c{rung}.json")
+            code = max(code, run_serving_cli(args))
+            if not Path(args.output_json).exists():
+                return code  # refused before running (bad flags)
+            runs.append(json.loads(Path(args.output_json).read_text()))
+    result = runs[0] if len(runs) == 1 else {"benchmark": "serving_sweep", "runs": runs}
+    if output_json:
+        Path(output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(output_json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        from litedeploy.bench.plots import plot_serving
+
+        print(f"plot: {plot_serving(result, args.plot)}")
+    return code
 
 
 def _compare_llama_cpp(args: argparse.Namespace, engine, ours: dict, result: dict) -> None:
