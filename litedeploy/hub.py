@@ -171,7 +171,9 @@ def _pick_gguf(folder: Path, model_id: ModelId, gguf_file: str | None) -> Path:
                            "files to --gguf-file")
         return path
     tag = model_id.quant.lower()
-    files = sorted(p for p in folder.rglob("*.gguf") if tag in p.name.lower())
+    # `Q4_0` names model-Q4_0.gguf before model-Q4_0_4_4.gguf: a whole-tag match first
+    files = sorted((p for p in folder.rglob("*.gguf") if tag in p.name.lower()),
+                   key=lambda p: (not p.stem.lower().endswith(tag), p.name))
     if not files:
         raise HubError(f"{model_id.repo_id} has no GGUF file with {model_id.quant!r} in its name: "
                        "pick another tag, or name the file with --gguf-file")

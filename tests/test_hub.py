@@ -82,7 +82,8 @@ def test_download_from_a_local_endpoint(tiny_llama, hf_home, online, monkeypatch
     extra = {"README.md": b"# not fetched", "pytorch_model.bin": b"not fetched either",
              "original/consolidated.pth": b"nor this"}
     files = {str(p.relative_to(tiny_llama)): p.read_bytes() for p in tiny_llama.iterdir()}
-    gguf = {"tiny-Q4_K_M.gguf": b"GGUF q4", "tiny-Q8_0.gguf": b"GGUF q8"}
+    gguf = {"tiny-Q4_K_M.gguf": b"GGUF q4", "tiny-Q8_0.gguf": b"GGUF q8",
+            "tiny-Q4_K_M-imat.gguf": b"GGUF q4 imatrix"}
     with hub_server({REPO: {**files, **extra}, "tiny-org/tiny-gguf": gguf,
                      "tiny-org/gated": files}, gated={"tiny-org/gated"}) as (url, requested):
         monkeypatch.setenv("HF_ENDPOINT", url)
@@ -94,7 +95,11 @@ def test_download_from_a_local_endpoint(tiny_llama, hf_home, online, monkeypatch
 
         gguf_path = Path(resolve_model("tiny-org/tiny-gguf:q4_k_m"))
         assert gguf_path.name == "tiny-Q4_K_M.gguf" and gguf_path.read_bytes() == b"GGUF q4"
-        assert not (gguf_path.parent / "tiny-Q8_0.gguf").exists()
+        assert not (gguf_path.parent / "tiny-Q8_0.gguf").exists()  # only the tag's files came
+        with pytest.raises(HubError, match="no GGUF file with 'Q2_K'"):
+            resolve_model("tiny-org/tiny-gguf:Q2_K")
+        by_name = resolve_model("tiny-org/tiny-gguf", gguf_file="tiny-Q8_0.gguf")
+        assert Path(by_name).read_bytes() == b"GGUF q8"
 
         with pytest.raises(HubError, match="neither a local path nor a model on http://127"):
             resolve_model("tiny-org/unknown")
