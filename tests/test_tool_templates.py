@@ -117,4 +117,6 @@ def test_bad_tool_choices_say_why():
         ToolPlan.build([WEATHER], "sometimes", None, HermesToolParser)
     with pytest.raises(ValueError, match="needs tools"):
         ToolPlan.build(None, "required", None, None)
+    with pytest.raises(ValueError, match="unique; repeated: get_current_weather"):
+        ToolPlan.build([WEATHER, WEATHER], "required", None, None)
     assert ToolPlan.build([WEATHER], "required", None, None).guided().kind == "json_schema"

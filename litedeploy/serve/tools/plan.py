@@ -85,6 +85,9 @@ class ToolPlan:
             return None
         normalized = [normalize_tool(tool) for tool in tools]
         names = [tool["function"]["name"] for tool in normalized]
+        if len(set(names)) < len(names):
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"tool names must be unique; repeated: {', '.join(repeated)}")
         choice, name = _choice_of(tool_choice)
         if name is not None and name not in names:
             raise ValueError(f"tool_choice names the function {name!r}, which is not in tools "
