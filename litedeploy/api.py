@@ -161,7 +161,15 @@ def _to_response(out: RequestOutput, index: int) -> Response:
 def pipeline(model_path: str | None = None, backend_config: EngineConfig | None = None,
              chat_template_config: str | None = None, log_level: str = "WARNING",
              **kwargs) -> Pipeline:
-    """Load a model (a Hugging Face folder or a GGUF file; None = the embedded default)."""
+    """Load a model: a Hugging Face folder, a GGUF file, a hub id ("org/name", with lmdeploy's
+    `revision=` / `download_dir=` and our `gguf_file=`), or None = the embedded default."""
+    hub = {key: kwargs.pop(key) for key in ("revision", "download_dir", "gguf_file")
+           if key in kwargs}
+    if model_path and hub:
+        from litedeploy.hub import resolve_model
+
+        model_path = resolve_model(model_path, hub.get("revision"), hub.get("gguf_file"),
+                                   hub.get("download_dir"))
     config = backend_config or EngineConfig(**kwargs)
     if chat_template_config is not None:
         config.chat_template = chat_template_config

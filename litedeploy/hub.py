@@ -53,16 +53,18 @@ def use_modelscope() -> bool:
     return any(os.environ.get(name, "").strip().lower() in _TRUE for name in MODELSCOPE_ENV)
 
 
-def resolve_model(model: str, revision: str | None = None, gguf_file: str | None = None) -> str:
-    """A local path for `model`: itself when it exists, else a hub download (or its cache)."""
+def resolve_model(model: str, revision: str | None = None, gguf_file: str | None = None,
+                  cache_dir: str | None = None) -> str:
+    """A local path for `model`: itself when it exists, else a hub download (or its cache).
+    `cache_dir` (lmdeploy's `download_dir`) replaces the hub's cache folder."""
     if Path(model).expanduser().exists():
         return model
     model_id = parse_model_id(model)
     if model_id is None:  # not an id: the loader reports the missing path
         return model
     if use_modelscope():
-        return _from_modelscope(model_id, revision, gguf_file)
-    return _from_hugging_face(model_id, revision, gguf_file)
+        return _from_modelscope(model_id, revision, gguf_file, cache_dir)
+    return _from_hugging_face(model_id, revision, gguf_file, cache_dir)
 
 
 # ---- Hugging Face ------------------------------------------------------------------------------
@@ -83,10 +85,13 @@ def hf_settings() -> dict:
     return settings
 
 
-def _from_hugging_face(model_id: ModelId, revision: str | None, gguf_file: str | None) -> str:
+def _from_hugging_face(model_id: ModelId, revision: str | None, gguf_file: str | None,
+                       cache_dir: str | None) -> str:
     from huggingface_hub import snapshot_download
 
     settings = hf_settings()
+    if cache_dir:
+        settings["cache_dir"] = cache_dir
 
     def download(patterns: list[str]) -> Path:
         try:
@@ -184,7 +189,8 @@ def _pick_gguf(folder: Path, model_id: ModelId, gguf_file: str | None) -> Path:
 
 
 # ---- ModelScope --------------------------------------------------------------------------------
-def _from_modelscope(model_id: ModelId, revision: str | None, gguf_file: str | None) -> str:
+def _from_modelscope(model_id: ModelId, revision: str | None, gguf_file: str | None,
+                     cache_dir: str | None) -> str:
     try:
         from modelscope import snapshot_download
     except ImportError:
@@ -193,6 +199,8 @@ def _from_modelscope(model_id: ModelId, revision: str | None, gguf_file: str | N
                        "Hugging Face Hub)") from None
     patterns = _gguf_patterns(model_id, gguf_file) or MODEL_PATTERNS
     kwargs = {"revision": revision} if revision else {}
+    if cache_dir:
+        kwargs["cache_dir"] = cache_dir
     try:
         folder = Path(snapshot_download(model_id.repo_id, allow_patterns=patterns, **kwargs))
     except Exception as exc:  # modelscope's errors vary by version

@@ -49,7 +49,8 @@ def test_offline_cache_runs_by_id(tiny_llama, hf_home, monkeypatch):
 
     from litedeploy.api import pipeline
 
-    with pipeline(REPO, device="cpu", dtype="float32", cache_max_tokens=256) as pipe:
+    with pipeline(REPO, revision="main", device="cpu", dtype="float32",
+                  cache_max_tokens=256) as pipe:
         by_id = pipe("hello there", GenerationConfig(max_new_tokens=6, ignore_eos=True))
     with pipeline(str(tiny_llama), device="cpu", dtype="float32", cache_max_tokens=256) as pipe:
         by_path = pipe("hello there", GenerationConfig(max_new_tokens=6, ignore_eos=True))
@@ -107,6 +108,11 @@ def test_download_from_a_local_endpoint(tiny_llama, hf_home, online, monkeypatch
             resolve_model("tiny-org/gated")
         with pytest.raises(HubError, match="has no revision 'v9'"):
             resolve_model(REPO, revision="v9")
+
+        # lmdeploy's download_dir: another cache folder
+        elsewhere = Path(resolve_model(REPO, cache_dir=str(hf_home / "elsewhere")))
+        assert elsewhere.parents[2] == hf_home / "elsewhere"
+        assert (elsewhere / "config.json").read_bytes() == files["config.json"]
 
     # the server is gone: the cache answers, offline or not
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
