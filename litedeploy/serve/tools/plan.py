@@ -178,6 +178,8 @@ def _template_call(call: dict) -> dict:
 def encode_with_tools(prompts, messages: list[dict], plan: ToolPlan | None,
                       parser_cls: type[ToolCallParser] | None) -> list[int]:
     """Messages (+ tools) -> token ids through a PromptEncoder's template."""
+    if prompts.template is None:  # no tokenizer (--load-format dummy): its usual error
+        return prompts.encode(messages)
     tools = plan.tools if plan else None
     template = prompts.template
     prepared = messages_for_template(messages, tools, template, parser_cls)
