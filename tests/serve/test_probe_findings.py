@@ -220,7 +220,9 @@ def _rss_bytes(pid: int) -> int:
 
 
 def test_sequential_requests_leave_rss_flat(server, model):
-    """1,024 blocks of ~2.9 MB: a FIFO free list touched a new block per request (~0.7 GB)."""
+    """A FIFO free list handed each request blocks no request had touched: every one mapped
+    fresh pages of the lazily allocated cache (here ~0.5 MB a request, +118 MiB over these 250;
+    a whole ~2.9 MB block for prompts of 64+ tokens) until all of it was resident."""
     rss = {}
     with httpx.Client(headers=AUTH, timeout=60) as client:
         for i in range(300):
@@ -231,7 +233,7 @@ def test_sequential_requests_leave_rss_flat(server, model):
                 rss[i] = _rss_bytes(server.proc.pid)
     growth = rss[299] - rss[49]
     print(f"RSS after 50 requests {rss[49] / MB:.0f} MiB, after 300 {rss[299] / MB:.0f} MiB")
-    assert growth < 48 * MB, f"RSS grew {growth / MB:.0f} MiB over 250 requests"
+    assert growth < 16 * MB, f"RSS grew {growth / MB:.0f} MiB over 250 requests"
 
 
 def test_sigterm_past_the_drain_timeout(server, model):
