@@ -1,6 +1,13 @@
 """The torch.compile'd batch-1 CPU decode step against the eager engine, on a dummy int4 model
 (int4 linears in the graph, float LM head): same tokens and logprobs, over block boundaries and
-a KV cache full of NaN bits past the context; batches and bursts fall back to the eager path."""
+a KV cache full of NaN bits past the context; batches and bursts fall back to the eager path.
+
+The int4 kernels take bfloat16 activations, and Inductor's fused loops round in another order
+than eager's ops (which order depends on the CPU's vector width), so a float32 difference of one
+ulp can flip a bfloat16 rounding: logprobs agree within 2e-3, not bit for bit, and the two greedy
+runs may part at a step where the eager run's top two logprobs are within that tolerance (a near
+tie); every step before it must match. Measured with AVX-512, AVX2 and scalar kernels: same
+tokens, logprobs within 4.2e-4, while this random model's top two are often under 0.006 apart."""
 
 from __future__ import annotations
 
@@ -9,17 +16,31 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine.cpu_compiled_decode import CompiledCPUDecode, enable_compiled_cpu_decode
 from litedeploy.engine.engine import LLMEngine
+from litedeploy.engine.sampler import SampledToken
 from litedeploy.layers.quant_linear import Int4Linear
 from litedeploy.model_bundle import load_bundle
+from tests.helpers.teacher_forcing import assert_greedy_agrees_up_to_near_ties
 from tests.helpers.tiny_models import TINY
 
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12, 13]]
-GEN = GenerationConfig(max_new_tokens=14, ignore_eos=True, logprobs=0)  # crosses 4-token blocks
+# crosses 4-token blocks; the top two logprobs show near ties
+GEN = GenerationConfig(max_new_tokens=14, ignore_eos=True, logprobs=2)
+LOGPROB_ATOL = 2e-3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def empty_inductor_cache():
+    """Compile into an empty Inductor cache. Its keys leave out ATEN_CPU_CAPABILITY: after a run
+    under AVX-512, a run under ATEN_CPU_CAPABILITY=avx2 loaded the cached kernels and computed
+    garbage (a plain compiled sum off by 20, NaN logprobs here), which is PyTorch's, not ours."""
+    from torch._inductor.utils import fresh_cache
+
+    with fresh_cache():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +59,14 @@ def _engine(bundle) -> LLMEngine:
     return LLMEngine(bundle, EngineConfig(cache_block_seq_len=4, cache_max_tokens=256))
 
 
-def _generate(engine: LLMEngine, prompts: list[list[int]], gen=GEN) -> list[list[tuple]]:
-    """Each request's (token id, logprob) pairs; all requests submitted at once."""
+def _generate(engine: LLMEngine, prompts: list[list[int]], gen=GEN) -> list[list[SampledToken]]:
+    """Each request's sampled tokens with their logprobs; all requests submitted at once."""
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, gen)
-    tokens: dict[str, list[tuple]] = {f"r{i}": [] for i in range(len(prompts))}
+    tokens: dict[str, list[SampledToken]] = {f"r{i}": [] for i in range(len(prompts))}
     while engine.has_unfinished():
         for out in engine.step():
-            tokens[out.request_id] += [(t.token_id, t.logprob) for t in out.logprobs]
+            tokens[out.request_id] += out.logprobs
     return [tokens[f"r{i}"] for i in range(len(prompts))]
 
 
@@ -67,10 +88,8 @@ def compiled_engine(bundle):
     return engine, calls
 
 
-def _assert_same(got: list[tuple], expected: list[tuple]) -> None:
-    assert [t for t, _ in got] == [t for t, _ in expected]
-    torch.testing.assert_close(torch.tensor([lp for _, lp in got]),
-                               torch.tensor([lp for _, lp in expected]), atol=2e-3, rtol=0)
+def _assert_same(got: list[SampledToken], expected: list[SampledToken]) -> None:
+    assert_greedy_agrees_up_to_near_ties(got, expected, atol=LOGPROB_ATOL)
 
 
 def test_the_graph_holds_the_int4_kernels(bundle):
@@ -85,7 +104,7 @@ def test_single_sequence_decode_matches_the_eager_engine(bundle, compiled_engine
     got = _generate(engine, PROMPTS[:1])
     assert calls["n"] - before == GEN.max_new_tokens - 1  # every decode step went compiled
     _assert_same(got[0], expected[0])
-    assert all(math.isfinite(lp) for _, lp in got[0])
+    assert all(math.isfinite(t.logprob) for t in got[0])
 
 
 def test_a_one_block_context_uses_the_specialized_graph(bundle, compiled_engine):
