@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from litedeploy.chat.template import INTERNLM2_META_INSTRUCTION, ChatTemplate
 from litedeploy.serve.tools.hermes import HermesToolParser
+from litedeploy.serve.tools.internlm2 import InternLM2ToolParser
 from litedeploy.serve.tools.plan import ToolPlan, messages_for_template
 from litedeploy.tokenizer import Tokenizer
 from tests.helpers.tokenizers import write_bpe_tokenizer, write_internlm2_tokenizer
@@ -67,6 +68,30 @@ def test_internlm2_plugin_format_as_lmdeploy(sp_tok):
     ids = template.encode(sp_tok, ROUND_TRIP, tools=[WEATHER])
     for marker in ("<|plugin|>", "<|action_start|>", "<|action_end|>"):
         assert sp_tok.token_id(marker) in ids  # one special token each, not pieces of text
+
+
+def test_internlm2_hf_template_gets_the_documented_plugin_format(sp_tok, tmp_path):
+    """InternLM2 checkpoints ship a plain ChatML-like template that ignores tools: the tools,
+    the call and its result still come out as InternLM's chat_format.md shows them."""
+    jinja = tmp_path / "internlm2_hf.jinja"
+    jinja.write_text(  # the template of internlm2-chat's tokenizer_config.json
+        "{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + "
+        "'\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    template = ChatTemplate.resolve(sp_tok, str(jinja))
+    assert not template.renders_tools
+    plan = ToolPlan.build([WEATHER], "auto", None, InternLM2ToolParser)
+    prepared = messages_for_template(ROUND_TRIP, plan.tools, template, InternLM2ToolParser)
+    functions = json.dumps([WEATHER["function"]], ensure_ascii=False)
+    assert template.render(prepared) == (
+        f"<s><|im_start|>system name=<|plugin|>\n{functions}<|im_end|>\n"
+        "<|im_start|>user\nI want to know today's weather in Shanghai<|im_end|>\n"
+        "<|im_start|>assistant\nSure, I will search for the weather of Shanghai."
+        "<|action_start|><|plugin|>\n"
+        '{"name": "get_current_weather", "parameters": {"location": "Shanghai"}}'
+        "<|action_end|><|im_end|>\n"
+        '<|im_start|>environment name=<|plugin|>\n{"temperature": 22}<|im_end|>\n'
+        "<|im_start|>assistant\n")
 
 
 def test_jinja_template_reading_tools_equals_transformers(tmp_path):

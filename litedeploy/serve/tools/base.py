@@ -83,6 +83,10 @@ class ToolCallParser:
     call to any other name is left in the content as the model wrote it."""
 
     name = "base"
+    # For chat templates that do not render tools themselves (plan.messages_for_template):
+    call_separator = "\n"  # between an assistant's content and its written calls (and calls)
+    tools_role: str | None = None  # a role of its own for the tools prompt (else: system)
+    tool_result_role: str | None = None  # the role tool results are written with
 
     def __init__(self, tool_names: list[str] | None = None, max_calls: int | None = None):
         self.tool_names = set(tool_names) if tool_names is not None else None

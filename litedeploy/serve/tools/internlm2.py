@@ -17,6 +17,11 @@ class InternLM2ToolParser(MarkedCallParser):
     opener = "<|action_start|><|plugin|>"
     closer = "<|action_end|>"
     needs_special_tokens = True
+    # A Hugging Face InternLM2 template writes `<|im_start|>{role}\n`: these roles give the
+    # documented headers `system name=<|plugin|>` and `environment name=<|plugin|>`.
+    call_separator = ""
+    tools_role = "system name=<|plugin|>"
+    tool_result_role = "environment name=<|plugin|>"
 
     @staticmethod
     def system_prompt(tools: list[dict]) -> str:

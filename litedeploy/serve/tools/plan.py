@@ -142,25 +142,38 @@ def messages_for_template(messages: list[dict], tools: list[dict] | None, templa
     """Messages ready for `template`: call arguments as objects (what templates expect), and
     tools / past calls written as text in the parser's format where the template lacks them."""
     fmt = parser_cls or HermesToolParser
+    fallback = not template.renders_tools
     out = []
     for message in messages:
         message = dict(message)
         calls = [_template_call(call) for call in message.get("tool_calls") or []]
         if calls and not template.renders_tool_calls:
-            written = "\n".join(fmt.format_call(c["function"]["name"], c["function"]["arguments"])
-                                for c in calls)
-            message["content"] = "\n".join(filter(None, [message.get("content"), written]))
+            written = fmt.call_separator.join(fmt.format_call(c["function"]["name"], c["function"]["arguments"])
+                              for c in calls)
+            content = message.get("content") or ""
+            message["content"] = content + (fmt.call_separator if content else "") + written
             message.pop("tool_calls")
         elif calls:
             message["tool_calls"] = calls
+        if fallback and message["role"] == "tool" and fmt.tool_result_role:
+            message["role"] = fmt.tool_result_role
         out.append(message)
-    if tools and not template.renders_tools:
-        prompt = fmt.system_prompt(tools)
-        if out and out[0]["role"] == "system":
-            out[0] = {**out[0], "content": f"{out[0].get('content') or ''}\n\n{prompt}".lstrip()}
-        else:
-            out.insert(0, {"role": "system", "content": prompt})
+    if tools and fallback:
+        _add_tools_prompt(out, fmt.system_prompt(tools), fmt.tools_role)
     return out
+
+
+def _add_tools_prompt(messages: list[dict], prompt: str, role: str | None) -> None:
+    """Into the first system message, or (a format with its own role for it, InternLM2's
+    `system name=<|plugin|>`) as a message of that role after it."""
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    if role is not None:
+        messages.insert(1 if has_system else 0, {"role": role, "content": prompt})
+    elif has_system:
+        messages[0] = {**messages[0],
+                       "content": f"{messages[0].get('content') or ''}\n\n{prompt}".lstrip()}
+    else:
+        messages.insert(0, {"role": "system", "content": prompt})
 
 
 def _template_call(call: dict) -> dict:
