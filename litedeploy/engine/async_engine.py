@@ -122,6 +122,7 @@ class AsyncEngine:
         """Compile (or find cached) a structured-output grammar on the grammar pool, so the
         engine thread only looks it up; raises RequestError (the library's reason) if it cannot
         be compiled or takes longer than COMPILE_TIMEOUT_S."""
+        await asyncio.wrap_future(self.engine.grammars.vocab_ready())
         future = self.engine.grammars.compile_async(guided)
         try:
             # shielded: a timed-out or disconnected waiter must not cancel the cached compile

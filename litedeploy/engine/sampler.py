@@ -251,7 +251,9 @@ class Sampler:
         if any(r.grammar is not None for r in rows):  # structured output: last word on the ids
             from litedeploy.engine.guided.matcher import mask_grammar_rows
 
-            scores = mask_grammar_rows(scores, rows, copy=scores is logits)
+            # the raw logits are only needed again for logprobs: else mask them in place
+            raw_needed = any(r.num_logprobs is not None for r in rows)
+            scores = mask_grammar_rows(scores, rows, copy=scores is logits and raw_needed)
         sampled_rows = [i for i, r in enumerate(rows) if not r.is_greedy]
         if not sampled_rows:
             return self._finish(logits, rows, scores.argmax(dim=-1))  # ties -> lowest id

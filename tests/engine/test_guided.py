@@ -184,3 +184,12 @@ def test_pipeline_response_format(engine):
     Item.model_validate_json(session.response.text)
     with pytest.raises(ValueError, match="not supported"):
         pipe("x", gen, response_format={"type": "yaml"})
+
+
+def test_logprobs_stay_raw_under_a_grammar(engine):
+    """Masking must not touch the logits that logprobs are read from (vLLM's raw logprobs)."""
+    plain = GenerationConfig(max_new_tokens=1, logprobs=5, ignore_eos=True)
+    guided = GenerationConfig(max_new_tokens=1, logprobs=5, guided=JSON_SCHEMA)
+    free, masked = (engine.generate([PROMPTS[0]], gen)[0] for gen in (plain, guided))
+    assert masked.text == "{"
+    assert masked.logprobs[0].top_logprobs == free.logprobs[0].top_logprobs

@@ -39,15 +39,15 @@ class GrammarCache:
         self.stop_token_ids = stop_token_ids
         self._lock = threading.Lock()
         self._vocab: Any = None  # llguidance.LLTokenizer, built on first use (~1-2 s)
+        self._vocab_future: concurrent.futures.Future | None = None
+        self._vocab_lock = threading.Lock()  # held for seconds: never by the event loop
         self._entries: OrderedDict[GuidedDecoding, concurrent.futures.Future] = OrderedDict()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_threads, thread_name_prefix="litedeploy-grammar")
 
     def compile_async(self, guided: GuidedDecoding) -> concurrent.futures.Future:
         """A future of the compiled grammar; one compilation per (kind, spec) at a time."""
-        if self.tokenizer is None:
-            raise RequestError("structured output needs a tokenizer; this model was loaded "
-                               "without one (--load-format dummy and no tokenizer files)")
+        self._check_tokenizer()
         with self._lock:
             future = self._entries.get(guided)
             if future is not None:
@@ -60,8 +60,23 @@ class GrammarCache:
         future.add_done_callback(lambda f: self._forget_failure(guided, f))
         return future
 
+    def _check_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise RequestError("structured output needs a tokenizer; this model was loaded "
+                               "without one (--load-format dummy and no tokenizer files)")
+
+    def vocab_ready(self) -> concurrent.futures.Future:
+        """The vocabulary (built once, on the pool: seconds for a large one). Compile timeouts
+        start when it is ready: it is not the constraint's fault."""
+        self._check_tokenizer()
+        with self._lock:
+            if self._vocab_future is None:
+                self._vocab_future = self._pool.submit(self.vocab)
+            return self._vocab_future
+
     def get(self, guided: GuidedDecoding, timeout_s: float = COMPILE_TIMEOUT_S) -> Any:
         """The compiled grammar (blocks while it compiles); RequestError if it cannot be."""
+        self.vocab_ready().result()
         future = self.compile_async(guided)
         try:
             return future.result(timeout=timeout_s)
@@ -92,7 +107,7 @@ class GrammarCache:
         return matcher
 
     def vocab(self) -> Any:
-        with self._lock:
+        with self._vocab_lock:
             if self._vocab is None:
                 from litedeploy.engine.guided.vocab import grammar_tokenizer
 

@@ -4,6 +4,7 @@ mask applied to the logits rows that carry a grammar."""
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -80,9 +81,27 @@ def _parallel_executor() -> Any:
     return _executor
 
 
-def fill_bitmasks(matchers: list[GuidedMatcher], vocab_size: int) -> torch.Tensor:
-    """int32 [len(matchers), words]: each matcher's allowed next tokens, one row each."""
-    bitmask = torch.zeros(len(matchers), num_bitmask_words(vocab_size), dtype=torch.int32)
+_buffers = threading.local()  # per engine thread: a host bitmask reused step after step
+
+
+def _host_bitmask(num_rows: int, num_words: int, pinned: bool) -> torch.Tensor:
+    """int32 [num_rows, num_words] host memory kept between steps (pinned for a CUDA copy).
+
+    Reused safely: the step that copied it to the device synced (the sampler's `.tolist()`)
+    before the next step refills it."""
+    buffer = getattr(_buffers, "bitmask", None)
+    if (buffer is None or buffer.shape[0] < num_rows or buffer.shape[1] != num_words
+            or buffer.is_pinned() != pinned):
+        buffer = torch.empty(max(num_rows, 8), num_words, dtype=torch.int32, pin_memory=pinned)
+        _buffers.bitmask = buffer
+    return buffer[:num_rows]
+
+
+def fill_bitmasks(matchers: list[GuidedMatcher], vocab_size: int,
+                  pinned: bool = False) -> torch.Tensor:
+    """int32 [len(matchers), words]: each matcher's allowed next tokens, one row each (every
+    word is written: no zeroing needed)."""
+    bitmask = _host_bitmask(len(matchers), num_bitmask_words(vocab_size), pinned)
     if len(matchers) >= PARALLEL_MIN_ROWS and (os.cpu_count() or 1) > 2:
         pairs = [(m.matcher, i) for i, m in enumerate(matchers)]
         _parallel_executor().unsafe_compute_mask_ptr(
@@ -96,19 +115,23 @@ def fill_bitmasks(matchers: list[GuidedMatcher], vocab_size: int) -> torch.Tenso
 def mask_grammar_rows(scores: torch.Tensor, rows: list, copy: bool) -> torch.Tensor:
     """Fill the masks of the rows whose `grammar` is set and apply them; other rows untouched.
 
-    rows: SamplingRows (row.grammar a GuidedMatcher or None); copy: scores are the raw logits,
-    which logprobs still need, so mask a float32 copy. The bitmask is filled on the host (the
-    forward of this step may still run on the device meanwhile) and moved in one transfer.
+    rows: SamplingRows (row.grammar a GuidedMatcher or None); copy: mask a float32 copy (the
+    raw logits are still needed for logprobs), else mask `scores` in place. The bitmask is
+    filled on the host while the device may still run this step's forward, then moved in one
+    transfer.
     """
     grammar_rows = [i for i, r in enumerate(rows) if r.grammar is not None]
-    bitmask = fill_bitmasks([rows[i].grammar for i in grammar_rows], scores.shape[-1])
+    on_cuda = scores.device.type == "cuda"
+    bitmask = fill_bitmasks([rows[i].grammar for i in grammar_rows], scores.shape[-1],
+                            pinned=on_cuda)
     if copy:
         scores = scores.to(torch.float32, copy=True)
     row_index = None
     if len(grammar_rows) < len(rows):
         row_index = torch.tensor(grammar_rows, dtype=torch.int64)
-    if scores.device.type == "cuda":
-        bitmask = bitmask.pin_memory().to(scores.device, non_blocking=True)
+    if on_cuda:
+        bitmask = bitmask.to(scores.device, non_blocking=True)
         if row_index is not None:
             row_index = row_index.pin_memory().to(scores.device, non_blocking=True)
-    return apply_token_bitmask(scores, bitmask, row_index)
+    with torch.inference_mode():  # the logits are inference tensors: in place only in here
+        return apply_token_bitmask(scores, bitmask, row_index)
