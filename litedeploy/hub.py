@@ -133,11 +133,11 @@ def hf_error(exc: Exception, repo_id: str, revision: str | None, settings: dict)
     if isinstance(exc, LocalEntryNotFoundError) or type(exc).__name__ == "IncompleteSnapshotError":
         cache = settings.get("cache_dir") or "the Hugging Face cache (HF_HOME)"
         if settings.get("local_files_only"):
-            return HubError(f"{repo_id} (revision {rev}) is not in the offline cache {cache} and "
-                            "HF_HUB_OFFLINE=1: download it once with network access, or unset "
-                            "HF_HUB_OFFLINE")
-        return HubError(f"cannot reach {endpoint} to download {repo_id} and it is not in the cache "
-                        f"{cache}: check the network (or HF_ENDPOINT), or pass a local path")
+            return HubError(f"{repo_id} is no local path, and (revision {rev}) not in the offline "
+                            f"cache {cache} with HF_HUB_OFFLINE=1: download it once with network "
+                            "access, or unset HF_HUB_OFFLINE")
+        return HubError(f"{repo_id} is no local path, and cannot reach {endpoint} to download it, "
+                        f"nor find it in the cache {cache}: check the network (or HF_ENDPOINT)")
     return HubError(f"cannot download {repo_id} from {endpoint}: {_first_line(exc)}")
 
 

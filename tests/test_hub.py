@@ -67,13 +67,13 @@ def test_existing_path_wins_over_an_id(tiny_llama, hf_home, monkeypatch, tmp_pat
 
 def test_offline_errors_are_one_line(hf_home, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(HubError, match="not in the offline cache .*HF_HUB_OFFLINE"):
+    with pytest.raises(HubError, match="no local path, and .*not in the offline cache .*HF_HUB_OFFLINE=1"):
         resolve_model("nobody/missing-model")
     # the CLI: one line, exit code 2, no traceback
     assert main(["chat", "nobody/missing-model"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("litedeploy: error: nobody/missing-model (revision main) is not in the "
-                          "offline cache") and "\n" not in err
+    assert err.startswith("litedeploy: error: nobody/missing-model is no local path, and "
+                          "(revision main) not in the offline cache") and "\n" not in err
     monkeypatch.setenv("LITEDEPLOY_USE_MODELSCOPE", "True")
     with pytest.raises(HubError, match="pip install modelscope"):
         resolve_model("nobody/missing-model")
@@ -125,5 +125,5 @@ def test_unreachable_endpoint(hf_home, online, monkeypatch):
         port = sock.getsockname()[1]
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_ETAG_TIMEOUT", 2)
-    with pytest.raises(HubError, match="cannot reach http://127.0.0.1:.* not in the cache"):
+    with pytest.raises(HubError, match="no local path, and cannot reach http://127.0.0.1:.* nor find it in the cache"):
         resolve_model("nobody/missing-model")
