@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine.engine import LLMEngine
@@ -98,21 +100,32 @@ def run_check(config: CheckConfig) -> CheckReport:
                                           model_format="hf" if quantized else None))
     engine = LLMEngine(ours, EngineConfig(device=device.type, cache_max_tokens=_CACHE_TOKENS))
     rows: list[CheckRow] = []
-    hf_tokenizer, reason = _reference_tokenizer(source, config)
-    prompts = [ours.tokenizer.encode(text) for text in config.prompts]
-    rows.append(_tokenizer_row(ours, hf_tokenizer, reason, config.prompts))
-    rows.append(_template_row(ours, engine, hf_tokenizer, reason))
-    reference, reason = _reference_model(source, config, device)
-    rows.append(_special_tokens_row(ours, hf_tokenizer, reference))
-    if reference is None:
-        rows.append(CheckRow("reference", "fail", f"transformers could not load the model: "
-                             f"{reason}"))
-    else:
-        rows.append(_logits_row(engine, reference, prompts, config.rtol))
-        rows.append(_greedy_row(engine, reference, prompts, config.max_new_tokens))
-    if quantized:
-        rows.append(_perplexity_row(path, engine, device, config.max_ppl_increase))
-    engine.close()
+    # a quantized model's perplexity row loads it again and reads a few pages: minutes on a CPU
+    bar = tqdm(total=6 if quantized else 5, desc="litedeploy check", unit="check",
+               disable=not sys.stderr.isatty(), leave=False)
+
+    def add(row: CheckRow) -> None:
+        rows.append(row)
+        bar.set_postfix_str(row.name)
+        bar.update()
+
+    try:
+        hf_tokenizer, reason = _reference_tokenizer(source, config)
+        prompts = [ours.tokenizer.encode(text) for text in config.prompts]
+        add(_tokenizer_row(ours, hf_tokenizer, reason, config.prompts))
+        add(_template_row(ours, engine, hf_tokenizer, reason))
+        reference, reason = _reference_model(source, config, device)
+        add(_special_tokens_row(ours, hf_tokenizer, reference))
+        if reference is None:
+            add(CheckRow("reference", "fail", f"transformers could not load the model: {reason}"))
+        else:
+            add(_logits_row(engine, reference, prompts, config.rtol))
+            add(_greedy_row(engine, reference, prompts, config.max_new_tokens))
+        if quantized:
+            add(_perplexity_row(path, engine, device, config.max_ppl_increase))
+    finally:
+        bar.close()
+        engine.close()
     return CheckReport(ours.name, str(device), quantized, rows)
 
 
