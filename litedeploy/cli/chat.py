@@ -41,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_engine_args(parser)
     # the history is re-sent each turn: reusing its KV blocks makes later turns cheap
     parser.set_defaults(enable_prefix_caching=True)
+    # one conversation at a time: the KV cache is sized for one session (max batch x session
+    # length), ~0.4 GiB for the default model on CPU instead of a server's several GiB
+    parser.set_defaults(max_batch_size=1)
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
                         action="store_false", default=argparse.SUPPRESS,
                         help="re-prefill the whole history every turn (chat turns prefix "

@@ -117,3 +117,14 @@ def test_terminal_chat_history_end_interrupt_exit(reference):
         child.close(force=True)
     assert child.exitstatus == 0
     assert "Traceback" not in terminal_text
+
+
+def test_kv_cache_sized_for_one_session():
+    """With no cache flags the chat's KV cache holds one session (it serves one conversation),
+    not a server's share of the machine's RAM, and the ready line says how much it took."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "litedeploy", "chat", "--max-new-tokens", "1",
+         "--session-len", "512"],
+        cwd=REPO_ROOT, env=_env(), input="hi\n", capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "KV cache 512 tokens" in proc.stderr, proc.stderr
