@@ -32,6 +32,8 @@ install-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
 	$(PIP) install -e '.[serve,test]'
+	# Ray Serve for tests/serve/test_ray_serve.py (the `ray` extra: ~15 s, ~240 MB)
+	$(PIP) install -e '.[ray]'
 	# lm-evaluation-harness for tests/serve/test_lm_eval.py only (~45 s: datasets, scikit-learn...),
 	# so it stays out of the package's extras
 	$(PIP) install 'lm-eval[api]==0.4.13'

@@ -15,6 +15,7 @@ from litedeploy.cli.args import (
     engine_config_from,
     positive_int,
 )
+from litedeploy.cli.serve_ray import add_ray_parser
 from litedeploy.serve.tools import parser_choices as tool_parser_choices
 
 # the server's defaults, repeated here so `--help` works without fastapi installed
@@ -42,6 +43,7 @@ def add_parser(subparsers) -> None:
     _add_api_server(kinds)
     _add_gradio(kinds)
     _add_api_client(kinds)
+    add_ray_parser(kinds)  # `serve ray`: replicas through Ray Serve (optional extra)
     parser.set_defaults(run=lambda _args: (parser.print_help(), 2)[1])
 
 
@@ -192,6 +194,7 @@ def run_api_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     from litedeploy.engine.async_engine import AsyncEngine
+    from litedeploy.engine.cpu_compile_cache import decode_status_text
     from litedeploy.serve.openai_server import create_app
     from litedeploy.serve.runtime import DrainingServer, timed_h11_protocol
 

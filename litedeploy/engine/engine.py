@@ -286,6 +286,8 @@ class LLMEngine:
             "num_free_blocks": bm.num_free_blocks,
             "num_blocks": bm.num_blocks,
             "prefix_hit_rate": bm.stats.hit_rate,
+            "prefix_hit_tokens": bm.stats.num_prefix_hit_tokens,
+            "prefix_query_tokens": bm.stats.num_prefix_queries_tokens,
             "num_preemptions": self.num_preemptions,
         }
 

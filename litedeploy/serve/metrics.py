@@ -33,6 +33,11 @@ class ServerMetrics:
         gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)", "kv_usage")
         gauge("prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache",
               "prefix_hit_rate")
+        # running totals (vLLM's prefix_cache_hits/queries): which replica holds a prefix
+        gauge("prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache so far",
+              "prefix_hit_tokens")
+        gauge("prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache so far",
+              "prefix_query_tokens")
         for name, doc, read in _gpu_memory_readers():
             metric = Gauge(f"litedeploy:{name}", doc, list(labels), registry=self.registry)
             metric.labels(**labels).set_function(read)
