@@ -194,7 +194,6 @@ def run_api_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     from litedeploy.engine.async_engine import AsyncEngine
-    from litedeploy.engine.cpu_compile_cache import decode_status_text
     from litedeploy.serve.openai_server import create_app
     from litedeploy.serve.runtime import DrainingServer, timed_h11_protocol
 
