@@ -11,6 +11,7 @@ sent to /v1/completions (a long-context load that needs no client-side tokenizer
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -176,7 +177,9 @@ async def run_serving_async(url: str, num_prompts: int, request_rate: float = ma
     if response_format == "tools" and endpoint != "chat":
         raise ValueError("tool calls (--tools) are a chat endpoint feature")
 
-    base_url = url.rstrip("/").removesuffix("/v1")
+    # comma-separated URLs: requests go round-robin (replicas without a router in front)
+    base_urls = [item.strip().rstrip("/").removesuffix("/v1") for item in url.split(",")]
+    base_url = ",".join(base_urls)
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = max_concurrency or num_prompts
@@ -187,15 +190,17 @@ async def run_serving_async(url: str, num_prompts: int, request_rate: float = ma
 
     async with httpx.AsyncClient(headers=headers, timeout=timeout_s, limits=limits,
                                  verify=verify) as client:
-        model = model or await _discover_model(client, base_url)
+        model = model or await _discover_model(client, base_urls[0])
+        next_url = itertools.cycle(base_urls)
 
         async def limited(prompt: str | list[int]) -> RequestResult:
             nonlocal in_flight, peak
+            target = next(next_url) + path
             async with semaphore:
                 in_flight += 1
                 peak = max(peak, in_flight)
                 try:
-                    return await _one_request(client, base_url + path, _payload(
+                    return await _one_request(client, target, _payload(
                         endpoint, model, prompt, max_tokens, ignore_eos, response_format))
                 finally:
                     in_flight -= 1

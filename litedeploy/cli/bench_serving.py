@@ -24,7 +24,9 @@ def _rate(text: str) -> float:
 def add_serving_parser(kinds) -> None:
     parser = kinds.add_parser("serving", formatter_class=HelpFormatter,
                               help="load a running OpenAI-compatible server (streaming requests)")
-    parser.add_argument("--url", default="http://127.0.0.1:23333", help="the server's address")
+    parser.add_argument("--url", default="http://127.0.0.1:23333",
+                        help="the server's address; several, comma-separated, take the requests "
+                             "round-robin (replicas with no router in front)")
     parser.add_argument("--num-prompts", type=positive_int, default=200)
     parser.add_argument("--request-rate", type=_rate, default=math.inf,
                         help="requests per second (Poisson arrivals), or inf = all at once")

@@ -8,6 +8,7 @@ replica starting.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import subprocess
@@ -169,6 +170,20 @@ def test_shared_prefix_lands_on_the_replica_that_holds_it(ray_server, model):
     assert hits >= 12 * (900 // BLOCK_LEN) * BLOCK_LEN
     other = next(r for r in replicas if r != holder)
     assert after[other] == before[other]  # the other replica saw none of them
+
+
+def test_bench_serving_against_the_deployment(ray_server, tmp_path):
+    # the same proxy twice, once with /v1: the round-robin form used for routerless replicas
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "litedeploy", "bench", "serving", "--url",
+         f"{ray_server.url}/v1,{ray_server.url}", "--num-prompts", "8", "--max-tokens", "4",
+         "--output-json", str(out)], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
+        text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["completed"] == 8 and result["total_output_tokens"] == 8 * 4
+    assert result["url"] == f"{ray_server.url},{ray_server.url}"
 
 
 def test_killed_replica_fails_its_streams_cleanly_and_is_replaced(ray_server, model):
