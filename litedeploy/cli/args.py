@@ -82,7 +82,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chat-template", default=None,
                        help="built-in template name, or a .jinja / .json file")
     group.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size")
-    group.add_argument("--eager-mode", action="store_true", help="disable CUDA graphs")
+    group.add_argument("--eager-mode", action="store_true",
+                       help="disable CUDA graphs (GPU) and the compiled decode step (CPU)")
     group.add_argument("--num-scheduler-steps", type=positive_int, default=None,
                        help="greedy decode steps run on the device between two host syncs "
                             "(default: 8 on CUDA, 1 on CPU)")

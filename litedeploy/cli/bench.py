@@ -41,9 +41,8 @@ def add_parser(subparsers) -> None:
     latency.add_argument("--hf-static-compiled", action="store_true",
                          help="with --compare-hf: also transformers' static cache, compiled")
     latency.add_argument("--cpu-compiled-decode", action="store_true",
-                         help="CPU: run batch-1 decode steps through the torch.compile'd step "
-                              "(compiled at start, ~10 s with a warm Inductor cache, minutes "
-                              "without)")
+                         help="kept for old scripts: the compiled CPU decode is the default now "
+                              "(--eager-mode turns it off); benchmarks wait for its compile")
     latency.add_argument("--compare-llama-cpp", action="store_true",
                          help="also run llama.cpp (llama-cpp-python, installed separately) on the "
                               "same GGUF file and prompt in the same process; batch 1")
@@ -97,9 +96,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine(args: argparse.Namespace):
+    from litedeploy.engine.cpu_compile_cache import compiled_decode_of
     from litedeploy.engine.engine import LLMEngine
 
-    return LLMEngine.from_pretrained(args.model_path, engine_config_from(args))
+    engine = LLMEngine.from_pretrained(args.model_path, engine_config_from(args))
+    compiled = compiled_decode_of(engine)
+    if compiled is not None:  # time the steady state, not the eager steps of the compile
+        compiled.wait()
+    return engine
 
 
 def run_throughput(args: argparse.Namespace) -> int:
@@ -118,16 +122,15 @@ def run_throughput(args: argparse.Namespace) -> int:
 def run_latency(args: argparse.Namespace) -> int:
     from litedeploy.bench.common import write_json
     from litedeploy.bench.latency import run_latency as bench
+    from litedeploy.engine.cpu_compile_cache import compiled_decode_of, decode_status_text
 
     engine = _engine(args)
-    compiled = None
-    if args.cpu_compiled_decode:
-        from litedeploy.engine.cpu_compiled_decode import enable_compiled_cpu_decode
-
-        compiled = enable_compiled_cpu_decode(engine)
     ours = bench(engine, args.batch_size, args.input_len, args.output_len, args.num_iters)
-    if compiled is not None:
-        ours["cpu_compiled_decode_compile_s"] = compiled.compile_seconds
+    compiled = compiled_decode_of(engine)
+    if engine.device.type == "cpu":
+        ours["cpu_decode"] = decode_status_text(engine)
+        ours["cpu_compiled_decode_compile_s"] = compiled.compile_seconds if compiled else None
+        ours["cpu_compiled_decode_steps"] = compiled.num_runs if compiled else 0
     result = {"model": engine.bundle.name, "dtype": str(engine.bundle.dtype), "litedeploy": ours}
     write_json(result, args.output_json)  # ours are saved even if a baseline fails below
     if args.compare_hf:

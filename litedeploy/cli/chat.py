@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def ready_line(engine) -> str:
-    """One line: model, device, dtype, KV cache capacity and session length."""
+    """One line: model, device, dtype, KV cache capacity, session length, CPU decode mode."""
+    from litedeploy.engine.cpu_compile_cache import decode_status_text
+
     inner = engine.engine
     device = inner.device
     if device.type == "cuda":
@@ -92,8 +94,10 @@ def ready_line(engine) -> str:
         device_text = "cpu"
     shape = inner.kv_cache.shape
     dtype = str(inner.bundle.dtype).removeprefix("torch.")
+    decode = decode_status_text(inner)  # CPU: compiled decode on, compiling or off, and why
     return (f"ready: {engine.model_name} on {device_text}, {dtype} | KV cache {shape.num_tokens} "
-            f"tokens, {shape.size_gib:.2f} GiB | session {inner.session_len} tokens")
+            f"tokens, {shape.size_gib:.2f} GiB | session {inner.session_len} tokens"
+            + (f" | decode {decode}" if decode else ""))
 
 
 def _status(line: str) -> None:

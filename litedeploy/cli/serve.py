@@ -194,6 +194,7 @@ def run_api_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     from litedeploy.engine.async_engine import AsyncEngine
+    from litedeploy.engine.cpu_compile_cache import decode_status_text
     from litedeploy.serve.openai_server import create_app
     from litedeploy.serve.runtime import DrainingServer, timed_h11_protocol
 
@@ -206,9 +207,11 @@ def run_api_server(args: argparse.Namespace) -> int:
         shape = engine.engine.kv_cache.shape
         docs = "" if args.disable_fastapi_docs else ", docs at /docs"
         scheme = "https" if ssl_certfile else "http"
+        decode = decode_status_text(engine.engine)  # CPU: compiled decode on, compiling or off
+        decode = f", decode {decode}" if decode else ""
         print(f"litedeploy api_server: {settings.model_name} on {engine.engine.device}, KV cache "
               f"{shape.num_tokens} tokens ({shape.size_gib:.2f} GiB), session_len "
-              f"{engine.engine.session_len}; serving {scheme}://{args.server_name}:"
+              f"{engine.engine.session_len}{decode}; serving {scheme}://{args.server_name}:"
               f"{args.server_port} (OpenAI API at /v1{docs})", flush=True)
         config = uvicorn.Config(app, log_level=args.log_level.lower(),
                                 access_log=args.log_level in ("DEBUG", "INFO"),
@@ -237,9 +240,13 @@ def run_gradio(args: argparse.Namespace) -> int:
         backend = gradio_app.RemoteChat(target, args.api_key)
     else:
         from litedeploy.engine.async_engine import AsyncEngine
+        from litedeploy.engine.cpu_compile_cache import decode_status_text
 
         backend = gradio_app.EngineChat(
             AsyncEngine.from_pretrained(target, engine_config_from(args)))
+        decode = decode_status_text(backend.engine.engine)
+        if decode:
+            print(f"litedeploy gradio: decode {decode}", flush=True)
     try:
         gradio_app.launch(backend, args.server_name, args.server_port, args.share)
     finally:

@@ -1,70 +1,85 @@
-"""Batch-1 decode on CPU compiled whole with torch.compile: the CPU counterpart of CUDA graphs.
+"""Decode steps on CPU compiled whole with torch.compile: the CPU counterpart of CUDA graphs.
 
-At batch 1 on a small CPU, eager PyTorch spends more time dispatching the ~60 small ops of each
+At small batches on a CPU, eager PyTorch spends more time dispatching the ~60 small ops of each
 layer (norms, RoPE, casts, the paged-attention gather and masking) than in the weight-only
 quantized matmuls themselves. Compiling the whole step (embedding, every layer, LM head) lets
-Inductor fuse each run of small ops into one C++ loop; the quantized matmuls stay PyTorch's kernels.
+Inductor fuse each run of small ops into one C++ loop; the matmuls stay PyTorch's kernels.
 
-One graph serves every context length: the block table's length is a dynamic dimension, and the
-attention reads whole blocks and masks the slots past the context (a table of 1 block gets its
-own specialized graph, so two graphs in all). Both are compiled when this object is made, before
-any request runs: the warm-up writes one slot of block 0, which holds nothing yet.
+Two graphs serve every plain decode step: batch 1, and any batch of 2 or more (a dynamic batch
+dimension: no ladder, no padding rows, which on a CPU would cost their full compute). The block
+table's width is dynamic too (at least 2 columns, so width 1 needs no graph of its own): each
+row reads its own blocks, padded to the batch's longest, and masks the slots past its context,
+as kernels/reference.py's decode rows do. Prefill, mixed steps (their decode rows too), bursts
+and batches whose padding would more than double the blocks read stay on the eager path.
 
-Only plain decode steps of one sequence come here (`can_run`); prefill, batches and quantized KV
-caches keep the eager path. Numerically the fused kernels match eager up to rounding order.
+The graphs compile in a background thread over a scratch two-block cache, while the eager path
+serves; the engine thread switches over at the first step after `status` turns "on". A failed
+compile (no C++ compiler, ...) leaves the engine eager with one warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from litedeploy.engine.cpu_compile_cache import point_inductor_at_cache
 from litedeploy.engine.input_builder import HostStepInputs
 from litedeploy.engine.kv_cache import KVCache
 from litedeploy.models.decoder import DecoderForCausalLM
 
 logger = logging.getLogger(__name__)
 
+MIN_TABLE_COLUMNS = 2  # a dynamic dimension of size 1 would be specialized into a third graph
+# the warm-up's dynamic sizes must differ from each other: the tracer gives equal sizes one
+# symbol ("duck sizing"), and its graphs would then only take steps where they are equal
+WARM_UP_CACHE_BLOCKS, WARM_UP_COLUMNS, WARM_UP_BATCH = 5, 3, 2
+
 
 class _WholeBlocksBackend:
-    """Paged attention of one decode token, written with static-shaped ops only (no host reads of
-    the context length), so the compiler can trace it: store the new K/V, gather the sequence's
-    blocks, mask the slots at or past `context_len`."""
+    """Paged attention of one decode token per row, written with static-shaped ops only (no host
+    reads of the context lengths), so the compiler can trace it: store the new K/V, gather each
+    row's blocks, mask the slots at or past the row's context length."""
 
-    def __init__(self, kv_cache: KVCache, slot: torch.Tensor, table: torch.Tensor,
-                 context_len: torch.Tensor, scale: float):
-        self.kv_cache, self.slot, self.table = kv_cache, slot, table
-        self.context_len, self.scale = context_len, scale
+    def __init__(self, kv_cache: KVCache, slots: torch.Tensor, tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float):
+        self.kv_cache, self.slots, self.tables = kv_cache, slots, tables
+        self.context_lens, self.scale = context_lens, scale
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         k_cache, v_cache = self.kv_cache.k_caches[layer_idx], self.kv_cache.v_caches[layer_idx]
-        _, num_heads, head_dim = q.shape
+        batch, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slot, k.to(k_cache.dtype))
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slot, v.to(v_cache.dtype))
-        keys = k_cache.index_select(0, self.table).view(-1, num_kv_heads, head_dim)  # [L, KVH, D]
-        values = v_cache.index_select(0, self.table).view(-1, num_kv_heads, head_dim)
-        valid = torch.arange(keys.shape[0], device=q.device) < self.context_len  # [L]
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slots, k.to(k_cache.dtype))
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slots, v.to(v_cache.dtype))
+        flat_tables = self.tables.reshape(-1)
+        keys = k_cache.index_select(0, flat_tables).view(batch, -1, num_kv_heads, head_dim)
+        values = v_cache.index_select(0, flat_tables).view(batch, -1, num_kv_heads, head_dim)
+        valid = (torch.arange(keys.shape[1], device=q.device)[None, :]
+                 < self.context_lens[:, None])  # [B, L]
         # slots past the context hold whatever the cache had, possibly NaN bits: zero them, or
         # 0 * NaN would leak through the probabilities
-        values = torch.where(valid[:, None, None], values, 0).to(q.dtype)
+        values = torch.where(valid[:, :, None, None], values, 0).to(q.dtype)
         group = num_heads // num_kv_heads
-        grouped_q = q.view(num_kv_heads, group, 1, head_dim)
+        grouped_q = q.view(batch, num_kv_heads, group, 1, head_dim)
         # broadcast-and-sum instead of bmm: Inductor fuses these into its own loops
-        scores = (grouped_q * keys.to(q.dtype).permute(1, 0, 2)[:, None]).sum(-1) * self.scale
-        scores = scores.float().masked_fill(~valid, float("-inf"))  # [KVH, G, L]
+        keys = keys.to(q.dtype).permute(0, 2, 1, 3)[:, :, None]  # [B, KVH, 1, L, D]
+        scores = (grouped_q * keys).sum(-1) * self.scale  # [B, KVH, G, L]
+        scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(q.dtype)
-        out = (probs[..., None] * values.permute(1, 0, 2)[:, None]).sum(2)  # [KVH, G, D]
-        return out.reshape(1, num_heads, head_dim)
+        out = (probs[..., None] * values.permute(0, 2, 1, 3)[:, :, None]).sum(3)  # [B, KVH, G, D]
+        return out.reshape(batch, num_heads, head_dim)
 
 
 def _decode_step(model: DecoderForCausalLM, kv_cache: KVCache, input_ids: torch.Tensor,
-                 positions: torch.Tensor, rope_lens: torch.Tensor | None, slot: torch.Tensor,
-                 table: torch.Tensor, context_len: torch.Tensor, scale: float) -> torch.Tensor:
-    backend = _WholeBlocksBackend(kv_cache, slot, table, context_len, scale)
+                 positions: torch.Tensor, rope_lens: torch.Tensor | None, slots: torch.Tensor,
+                 tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    backend = _WholeBlocksBackend(kv_cache, slots, tables, context_lens, scale)
     hidden = model(input_ids, positions, backend, rope_lens)
     return model.compute_logits(hidden)
 
@@ -76,65 +91,139 @@ _CHEAP_GUARDS = torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=Tr
                                            max_saved_pointers_for_recursive_dict_tags_check=4096)
 
 
-class CompiledCPUDecode:
-    """Plugs into ModelRunner where the CUDA graphs go (`can_run(host)` / `run(host)`)."""
+def _table_columns(block_size: int, context_lens: list[int]) -> list[int]:
+    return [-(-length // block_size) for length in context_lens]
 
-    def __init__(self, model: DecoderForCausalLM, kv_cache: KVCache, scale: float):
-        self.sizes = [1]  # the batch sizes it serves (engine_info reports the runner's graphs')
+
+class CompiledCPUDecode:
+    """Plugs into ModelRunner where the CUDA graphs go (`can_run(host)` / `run(host)`).
+
+    `status`: "compiling" (the eager path serves), "on", or "off" (`off_reason` says why)."""
+
+    def __init__(self, model: DecoderForCausalLM, kv_cache: KVCache, scale: float,
+                 eager_run: Callable[[HostStepInputs], torch.Tensor], dynamic_batch: bool = True):
         if kv_cache.quant_bits:
             raise ValueError("the compiled CPU decode needs a float KV cache (--quant-policy 0)")
         if model.config.tp_size != 1:
             raise ValueError("the compiled CPU decode runs with --tp 1 only")
         self.model, self.kv_cache, self.scale = model, kv_cache, scale
+        self.eager_run = eager_run  # where a step goes if the compiled one fails at run time
         self.block_size = kv_cache.shape.block_size
         self.dynamic_rope = model.rotary.is_dynamic
-        for cache in (*kv_cache.k_caches, *kv_cache.v_caches):
-            # the cache's size follows free memory: keep it out of the graph (and of the key of
-            # Inductor's on-disk cache, which then serves later runs: ~10 s instead of minutes)
-            torch._dynamo.mark_dynamic(cache, 0)
+        # False: a graph for each of `static_batch_sizes` instead (side-by-side benchmarks)
+        self.dynamic_batch = dynamic_batch
+        self.static_batch_sizes: list[int] = []
+        self.status, self.off_reason = "compiling", ""
+        self.compile_seconds: float | None = None
+        self.done = threading.Event()  # set when status leaves "compiling"
+        self.num_runs = 0
+        self.sizes: list[int] = []  # no CUDA-graph ladder: one graph for batch 1, one for 2+
         self._step = torch.compile(_decode_step, fullgraph=True)
-        self.compile_seconds = self._warm_up()
 
+    # ---- compiling -----------------------------------------------------------------------
+    def start(self, background: bool = True) -> CompiledCPUDecode:
+        """Compile, in a daemon thread (never joined: exiting mid-compile abandons it)."""
+        if not background:
+            self._compile()
+            return self
+        threading.Thread(target=self._compile, name="litedeploy-cpu-compile", daemon=True).start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the compile has finished or failed; returns the status."""
+        self.done.wait(timeout)
+        return self.status
+
+    def _compile(self) -> None:
+        start = time.perf_counter()
+        try:
+            point_inductor_at_cache()
+            self._warm_up()
+        except Exception as exc:  # noqa: BLE001 (no compiler, an Inductor bug...: serve eagerly)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            self.off_reason = f"compile failed: {type(exc).__name__}: {first_line}"
+            logger.warning("compiled CPU decode off (%s); decoding eagerly", self.off_reason)
+            self.status = "off"
+        else:
+            self.compile_seconds = time.perf_counter() - start
+            logger.info("compiled CPU decode on: compiled in %.1f s", self.compile_seconds)
+            self.status = "on"  # one attribute write: the engine thread switches at its next step
+        finally:
+            self.done.set()
+
+    def _warm_up(self) -> None:
+        """Both graphs (batch 1, batch 2+) from throwaway steps over a small scratch cache: the
+        live cache is never written (dim 0 of the caches is dynamic, so the graphs fit it)."""
+        shape = dataclasses.replace(self.kv_cache.shape, num_blocks=WARM_UP_CACHE_BLOCKS)
+        # an inference tensor or not, as the live cache is: the guards check its dispatch keys
+        with torch.inference_mode(self.kv_cache.k_caches[0].is_inference()):
+            scratch = KVCache(shape, torch.device("cpu"), quiet=True)
+            for cache in (*scratch.k_caches, *scratch.v_caches):
+                cache.zero_()
+                torch._dynamo.mark_dynamic(cache, 0)  # the live cache's size follows free memory
+        batches = [1, *(self.static_batch_sizes if not self.dynamic_batch else [WARM_UP_BATCH])]
+        # no worker processes: on a small CPU the eager path keeps a core while this compiles
+        with torch._inductor.config.patch(compile_threads=1), torch.inference_mode():
+            for batch in batches:
+                ids = np.zeros(batch, dtype=np.int64)
+                context_len = (WARM_UP_COLUMNS - 1) * self.block_size + 1
+                self._call(scratch, ids, ids + context_len - 1, ids + context_len,
+                           np.arange(batch), [list(range(WARM_UP_COLUMNS))] * batch,
+                           [context_len] * batch)
+
+    # ---- serving -------------------------------------------------------------------------
     def can_run(self, host: HostStepInputs, num_steps: int = 1) -> bool:
-        """One decode token of one sequence; multi-step bursts keep the eager loop."""
-        return (num_steps == 1 and host.batch_size == 1 and host.max_q_len == 1
-                and len(host.logits_indices) == 1)
+        """Plain decode steps (every row one token, every row samples), once compiled; not when
+        padding every row to the longest context would more than double the blocks read."""
+        if self.status != "on" or num_steps != 1 or not host.is_uniform_decode:
+            return False
+        if host.batch_size == 1:
+            return True
+        if not self.dynamic_batch and host.batch_size not in self.static_batch_sizes:
+            return False
+        columns = _table_columns(self.block_size, host.context_lens)
+        return host.batch_size * max(columns) <= 2 * sum(columns) + host.batch_size
 
     @torch.inference_mode()
     def run(self, host: HostStepInputs) -> torch.Tensor:
-        """Logits [1, vocab] float32 of the one decode token of `host`."""
-        return self._run(host.input_ids, host.positions, host.rope_lens, host.slot_mapping,
-                         host.block_tables[0], host.context_lens[0])
+        """Logits [batch, vocab] float32 of the decode step `host`."""
+        try:
+            # no recompiles here: a new graph would stall the serving thread for seconds
+            with torch.compiler.set_stance("fail_on_recompile"):
+                logits = self._call(self.kv_cache, host.input_ids, host.positions, host.rope_lens,
+                                    host.slot_mapping, host.block_tables, host.context_lens)
+        except Exception as exc:  # noqa: BLE001 (whatever broke, the eager path still serves)
+            self.status = "off"
+            self.off_reason = f"failed at run time: {type(exc).__name__}"
+            logger.warning("compiled CPU decode off (%s: %s); decoding eagerly",
+                           self.off_reason, (str(exc).strip().splitlines() or [""])[0][:200])
+            return self.eager_run(host)  # it rewrites the same K/V slots: nothing half-done
+        self.num_runs += 1
+        return logits
 
     @_CHEAP_GUARDS
-    def _run(self, input_ids: np.ndarray, positions: np.ndarray, rope_lens: np.ndarray,
-             slot_mapping: np.ndarray, block_table: list[int], context_len: int) -> torch.Tensor:
-        table = torch.tensor(block_table, dtype=torch.int64)
-        torch._dynamo.mark_dynamic(table, 0)  # one graph for every table length >= 2
-        return self._step(
-            self.model, self.kv_cache, torch.from_numpy(input_ids), torch.from_numpy(positions),
-            torch.from_numpy(rope_lens) if self.dynamic_rope else None,
-            torch.from_numpy(slot_mapping), table, torch.tensor(context_len), self.scale)
+    def _call(self, kv_cache: KVCache, input_ids: np.ndarray, positions: np.ndarray,
+              rope_lens: np.ndarray, slots: np.ndarray, block_tables: list[list[int]],
+              context_lens: list[int]) -> torch.Tensor:
+        batch = len(context_lens)
+        columns = _table_columns(self.block_size, context_lens)
+        tables = np.zeros((batch, max(MIN_TABLE_COLUMNS, *columns)), dtype=np.int64)
+        for row, (table, num_columns) in enumerate(zip(block_tables, columns)):
+            tables[row, :num_columns] = table[:num_columns]  # padding: block 0, masked
+        inputs = [torch.from_numpy(np.asarray(a, dtype=np.int64))
+                  for a in (input_ids, positions, rope_lens, slots, context_lens)]
+        table_tensor = torch.from_numpy(tables)
+        torch._dynamo.mark_dynamic(table_tensor, 1)  # one graph for every context length
+        if batch > 1 and self.dynamic_batch:  # batch 1 keeps its own graph
+            for tensor in (*inputs, table_tensor):
+                torch._dynamo.mark_dynamic(tensor, 0)
+        ids, pos, lens, slot_tensor, context_tensor = inputs
+        return self._step(self.model, kv_cache, ids, pos, lens if self.dynamic_rope else None,
+                          slot_tensor, table_tensor, context_tensor, self.scale)
 
-    @torch.inference_mode()
-    def _warm_up(self) -> float:
-        """Compile both graphs (table of 1 block, table of more) with throwaway steps at slot 0."""
-        start = time.perf_counter()
-        one = np.zeros(1, dtype=np.int64)
-        for num_blocks in (1, 2):
-            self._run(one, one, one + 1, one, [0] * num_blocks, 1)
-        seconds = time.perf_counter() - start
-        logger.info("compiled the CPU decode step in %.1f s", seconds)
-        return seconds
-
-
-def enable_compiled_cpu_decode(engine) -> CompiledCPUDecode:
-    """Route an LLMEngine's batch-1 CPU decode steps through the compiled step. Call it right
-    after building the engine, before any request (the warm-up writes into the cache)."""
-    runner = engine.runner
-    if engine.device.type != "cpu" or not hasattr(runner, "graphs"):
-        raise ValueError("the compiled CPU decode needs a single-process engine on CPU")
-    if engine.has_unfinished():
-        raise ValueError("enable the compiled CPU decode before adding requests")
-    runner.graphs = CompiledCPUDecode(runner.model, runner.kv_cache, runner.scale)
-    return runner.graphs
+    def status_text(self) -> str:
+        if self.status == "on":
+            return f"compiled (in {self.compile_seconds:.1f} s)"
+        if self.status == "compiling":
+            return "eager while compiling in the background"
+        return f"eager ({self.off_reason})"

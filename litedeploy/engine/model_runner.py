@@ -1,16 +1,19 @@
 """Runs one scheduled batch through the model over the paged cache and returns the logits to sample.
 
-Uniform decode batches replay a captured CUDA graph (see cuda_graph.py); everything else, and
-every batch on CPU or with `eager_mode`, runs eagerly. Nothing here waits for the GPU: the only
+Uniform decode batches replay a captured CUDA graph (see cuda_graph.py), or on CPU run a
+torch.compile'd step once its background compile is done (cpu_compiled_decode.py); everything
+else, and every batch with `eager_mode`, runs eagerly. Nothing here waits for the GPU: the only
 host sync of a step is the sampler's `.tolist()`.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
+from litedeploy.engine.cpu_compile_cache import off_reason
 from litedeploy.engine.cuda_graph import DecodeGraphs
 from litedeploy.engine.forward_context import PagedKVBackend, StepInputs
 from litedeploy.engine.input_builder import HostStepInputs, build_host_inputs, to_device
@@ -18,6 +21,9 @@ from litedeploy.engine.kv_cache import CacheShape, KVCache
 from litedeploy.engine.multi_step import advance_decode_inputs, greedy_next
 from litedeploy.engine.scheduler import SchedulerOutput
 from litedeploy.models.decoder import DecoderForCausalLM
+
+if TYPE_CHECKING:
+    from litedeploy.engine.cpu_compiled_decode import CompiledCPUDecode
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +36,18 @@ class ModelRunner:
         self.device = device
         self.block_size = kv_cache.shape.block_size
         self.scale = model.config.head_dim**-0.5
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: DecodeGraphs | CompiledCPUDecode | None = None
         if device.type == "cuda" and not eager_mode:
             self.graphs = DecodeGraphs(self.forward, max_batch_size, max_context_len,
                                        self.block_size, device)
             self.graphs.capture()
+        # CPU: decode steps compiled in the background (cpu_compiled_decode.py), or why not
+        self.cpu_compile_off_reason = off_reason(device, eager_mode, kv_cache.quant_bits,
+                                                 model.config.tp_size)
+        if self.cpu_compile_off_reason is None:
+            from litedeploy.engine.cpu_compiled_decode import CompiledCPUDecode  # imports dynamo
+
+            self.graphs = CompiledCPUDecode(model, kv_cache, self.scale, self._run_eager).start()
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
@@ -44,8 +57,12 @@ class ModelRunner:
     @torch.inference_mode()
     def run_host(self, host: HostStepInputs) -> torch.Tensor:
         """The same, from inputs already built on the host (TP ranks > 0 receive these)."""
-        if self.graphs is not None and self.graphs.can_run(host):
-            return self.graphs.run(host)
+        graphs = self.graphs  # read once: a CPU compile may finish between two steps
+        if graphs is not None and graphs.can_run(host):
+            return graphs.run(host)
+        return self._run_eager(host)
+
+    def _run_eager(self, host: HostStepInputs) -> torch.Tensor:
         return self.forward(to_device(host, self.device))
 
     @torch.inference_mode()
