@@ -172,6 +172,30 @@ def test_shared_prefix_lands_on_the_replica_that_holds_it(ray_server, model):
     assert after[other] == before[other]  # the other replica saw none of them
 
 
+def _gauge(server, replica_id: str, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", headers={REPLICA_HEADER: replica_id},
+                     timeout=60).text
+    return float(re.search(rf"^litedeploy:{name}\{{.*\}} (\S+)$", text, re.MULTILINE).group(1))
+
+
+def test_client_that_leaves_mid_stream_frees_its_replica(ray_server, model):
+    body = {"model": model, "prompt": "Count on and on:", "max_tokens": 1500, "stream": True,
+            "ignore_eos": True}
+    with httpx.stream("POST", ray_server.url + "/v1/completions", json=body,
+                      timeout=60) as response:
+        replica = response.headers[REPLICA_HEADER]
+        events = response.iter_lines()
+        for _ in range(3):
+            next(events)
+        assert _gauge(ray_server, replica, "num_requests_running") == 1
+    # the proxy, the ingress and the replica's app each see the disconnect: the engine aborts
+    deadline = time.monotonic() + 30
+    while _gauge(ray_server, replica, "num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the request still runs after its client left"
+        time.sleep(0.5)
+    assert _gauge(ray_server, replica, "kv_cache_usage_perc") == 0.0
+
+
 def test_bench_serving_against_the_deployment(ray_server, tmp_path):
     # the same proxy twice, once with /v1: the round-robin form used for routerless replicas
     out = tmp_path / "bench.json"
