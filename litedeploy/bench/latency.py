@@ -20,7 +20,11 @@ def run_latency(engine: LLMEngine, batch_size: int, input_len: int, output_len: 
             engine.add_request(f"lat{it}-{i}", prompt, gen)
         sync(engine.device)
         start = time.perf_counter()
-        engine.step()  # the whole batch's prefill (within --max-prefill-token-num) + 1st token
+        # the whole batch's prefill + first tokens: several steps when the batch's prompts
+        # exceed --max-prefill-token-num, so decode timing starts once every row decodes
+        started: set[str] = set()
+        while len(started) < batch_size:
+            started.update(out.request_id for out in engine.step() if out.token_ids)
         sync(engine.device)
         prefill_done = time.perf_counter()
         while engine.has_unfinished():

@@ -149,6 +149,8 @@ class DecodeGraphs:
                 self.logits[size] = self.forward_all(inputs)
             pool = graph.pool() if pool is None else pool
             self.graphs[size] = graph
+        greedy_next(self.logits[self.sizes[-1]])  # warm-up: Triton compiles outside a capture
+        torch.cuda.synchronize(self.device)
         for size in reversed(self.sizes):
             inputs = self.static_inputs(size)
             graph = torch.cuda.CUDAGraph()

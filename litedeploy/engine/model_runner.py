@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from litedeploy import kernels
 from litedeploy.engine.cpu_compile_cache import off_reason
 from litedeploy.engine.cuda_graph import DecodeGraphs
 from litedeploy.engine.forward_context import PagedKVBackend, StepInputs
@@ -37,6 +38,8 @@ class ModelRunner:
         self.block_size = kv_cache.shape.block_size
         self.scale = model.config.head_dim**-0.5
         self.graphs: DecodeGraphs | CompiledCPUDecode | None = None
+        if device.type == "cuda":  # one-row linears (batch-1 decode): Triton GEMV, not cuBLAS
+            kernels.use_dispatched_linears(model)
         if device.type == "cuda" and not eager_mode:
             self.graphs = DecodeGraphs(self.forward, max_batch_size, max_context_len,
                                        self.block_size, device)

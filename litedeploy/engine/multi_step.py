@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from litedeploy import kernels
 from litedeploy.engine.forward_context import StepInputs
 from litedeploy.engine.sampler import SamplingRow
 
@@ -38,7 +39,7 @@ def row_can_burst(row: SamplingRow) -> bool:
 
 def greedy_next(logits: torch.Tensor) -> torch.Tensor:
     """The sampler's greedy choice (argmax, ties -> lowest id) as int64 [rows]."""
-    return logits.argmax(dim=-1)
+    return kernels.argmax_rows(logits)
 
 
 def advance_decode_inputs(inputs: StepInputs, next_tokens: torch.Tensor, block_size: int) -> None:

@@ -7,6 +7,7 @@ CUDA tensors use the Triton kernels when triton imports; everything else uses th
 from __future__ import annotations
 
 import functools
+import os
 from types import ModuleType
 
 import torch
@@ -64,3 +65,45 @@ def apply_rope(q, k, cos, sin):
 
 def silu_and_mul(x):
     return _pick(x, "triton_activation", "silu_and_mul")(x)
+
+
+def _gemv_enabled() -> bool:
+    # LITEDEPLOY_GEMV=0 keeps cuBLAS for every shape (benchmarks compare both in one run)
+    return os.environ.get("LITEDEPLOY_GEMV", "1") != "0"
+
+
+def linear(x, weight, bias=None):
+    """F.linear; on CUDA, decode-sized batches (<= 8 rows) go through the Triton GEMV."""
+    if x.is_cuda and _gemv_enabled():
+        module = _triton_module("triton_gemv")
+        if module is not None:
+            return module.linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy choice per row (ties -> lowest id) as int64 [rows]: two short Triton launches on
+    CUDA instead of torch's one-block-per-row reduction."""
+    if logits.is_cuda and logits.dim() == 2:
+        module = _triton_module("triton_argmax")
+        if module is not None:
+            return module.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
+class _DispatchedLinear(torch.nn.Linear):
+    """nn.Linear whose forward goes through `linear` above (same parameters, same state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_dispatched_linears(model: torch.nn.Module) -> int:
+    """Route the plain nn.Linear modules of a CUDA model through `linear`; returns how many.
+    Quantized linears (their own classes) keep their kernels; CPU models are left alone."""
+    count = 0
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module.weight.is_cuda:
+            module.__class__ = _DispatchedLinear
+            count += 1
+    return count

@@ -8,6 +8,7 @@ memory as 4 (or 8) bits: decode is bandwidth bound, hence the speed-up over 16-b
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -77,6 +78,43 @@ def _awq_dequant_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, group
     w = (q - zero[None, :]) * scale[None, :]
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(offs_k[:, None] < K) & n_mask[None, :])
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, q_ptr, scales_ptr, zeros_ptr, out_ptr, N, K,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+):
+    """One-row GEMV over the row form: q uint8 [N, K/2] (k = 2j in the low nibble of byte j),
+    scales/zeros [N, K/G]. Each program streams BLOCK_N rows of packed bytes along K (the
+    contiguous dimension), GROUPS quantization groups per iteration, in one launch. Per group
+    sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k): one scale and zero per row and
+    group, not per element."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
+    half_k = K // 2
+    num_groups = K // GROUP
+    offs_g = tl.arange(0, GROUPS)
+    offs_b = tl.arange(0, GROUP // 2)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for g0 in range(0, num_groups, GROUPS):
+        group = g0 + offs_g  # [GROUPS]
+        g_mask = group < num_groups
+        byte = group[:, None] * (GROUP // 2) + offs_b[None, :]  # [GROUPS, G/2]
+        packed = tl.load(q_ptr + rows_n[:, None, None] * half_k + byte[None, :, :],
+                         mask=g_mask[None, :, None], other=0, eviction_policy="evict_first")
+        x_lo = tl.load(x_ptr + 2 * byte, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + 2 * byte + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        lo = (packed & 0xF).to(tl.float32)
+        hi = (packed >> 4).to(tl.float32)
+        dot = tl.sum(lo * x_lo[None, :, :] + hi * x_hi[None, :, :], axis=2)  # [BLOCK_N, GROUPS]
+        x_sum = tl.sum(x_lo + x_hi, axis=1)  # [GROUPS]
+        sz = rows_n[:, None] * num_groups + group[None, :]
+        scale = tl.load(scales_ptr + sz, mask=g_mask[None, :], other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + sz, mask=g_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(scale * (dot - zero * x_sum[None, :]), axis=1)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
@@ -157,6 +195,39 @@ def awq_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
                            k_per_split, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                            SPLIT_K=split_k, num_warps=4, num_stages=2)
     return out.to(x.dtype) if split_k > 1 else out
+
+
+def int4_gemv_applies(x: torch.Tensor, group_size: int) -> bool:
+    """One row of 16-bit x and a power-of-two group of at least 16: the GEMV's case (more rows
+    go to awq_gemm). LITEDEPLOY_INT4_GEMV=0 turns it off (benchmarks compare both)."""
+    return (x.shape[0] == 1 and x.dtype in (torch.float16, torch.bfloat16)
+            and group_size >= 16 and group_size & (group_size - 1) == 0
+            and os.environ.get("LITEDEPLOY_INT4_GEMV", "1") != "0")
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [1, K] fp16/bf16, row form qweight uint8 [N, K/2], scales and zeros [N, K/G] -> [1, N].
+    `config` = (BLOCK_N, GROUPS, num_warps) overrides the heuristic (benchmark sweeps)."""
+    k_dim = x.shape[1]
+    n_dim = qweight.shape[0]
+    assert x.shape[0] == 1 and qweight.shape[1] * 2 == k_dim, (x.shape, qweight.shape)
+    x = x.contiguous()
+    out = torch.empty(1, n_dim, dtype=x.dtype, device=x.device)
+    if config is None:
+        block_n = 16
+        while block_n > 4 and triton.cdiv(n_dim, block_n) < 2 * _num_sms(x.device):
+            block_n //= 2
+        # ~8 KB of packed weights per program and iteration (32 KB of bf16's worth)
+        groups = max(1, min(triton.next_power_of_2(k_dim // group_size),
+                            8192 // (block_n * group_size // 2)))
+        config = (block_n, groups, 8)
+    block_n, groups, num_warps = config
+    _int4_gemv_kernel[(triton.cdiv(n_dim, block_n),)](
+        x, qweight, scales, zeros, out, n_dim, k_dim,
+        GROUP=group_size, BLOCK_N=block_n, GROUPS=groups, num_warps=num_warps,
+    )
+    return out
 
 
 @functools.lru_cache(maxsize=8)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from litedeploy import kernels
 from litedeploy.distributed.parallel_state import all_gather_last_dim, all_reduce, tp_state
 
 
@@ -34,4 +35,5 @@ class ParallelLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> full-vocabulary logits [N, vocab] (gathered across ranks)."""
-        return all_gather_last_dim(F.linear(hidden, self.weight))
+        # kernels.linear is F.linear on CPU; on CUDA small batches take the Triton GEMV
+        return all_gather_last_dim(kernels.linear(hidden, self.weight))

@@ -204,6 +204,7 @@ class Int4Linear(nn.Module):
         self.bias = _frozen((out_features,)) if bias else None
         self.mode = "dequant"
         self.kernel_tensors: tuple[torch.Tensor, ...] = ()
+        self.gemv_tensors: tuple[torch.Tensor, ...] = ()
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size)
@@ -216,8 +217,10 @@ class Int4Linear(nn.Module):
             self.mode = "cpu"
         elif device.type == "cuda" and _triton_available():
             self.kernel_tensors = awq_layout(self.qweight, self.scales, self.zeros)
+            # batch-1 decode streams the row form in one GEMV launch (int4_gemv)
+            self.gemv_tensors = (self.qweight, self.scales, self.zeros)
             self.mode = "triton"
-        if self.mode != "dequant":  # the row form is no longer needed: free its memory
+        if self.mode != "dequant":  # the row-form parameters go (CUDA: gemv_tensors keeps them)
             self.qweight = self.scales = self.zeros = None
 
     def _cpu_int4_ok(self) -> bool:
@@ -243,9 +246,12 @@ class Int4Linear(nn.Module):
             out = self._cpu_forward_2d(x2)
             return out.reshape(*shape[:-1], self.out_features)
         if self.mode == "triton":
-            from litedeploy.kernels.triton_quant_gemm import awq_gemm
+            from litedeploy.kernels import triton_quant_gemm as tqg
 
-            out = awq_gemm(x2, *self.kernel_tensors, self.group_size)
+            if tqg.int4_gemv_applies(x2, self.group_size):  # batch 1: one GEMV launch
+                out = tqg.int4_gemv(x2, *self.gemv_tensors, self.group_size)
+            else:
+                out = tqg.awq_gemm(x2, *self.kernel_tensors, self.group_size)
         else:
             out = F.linear(x2, self.dequantized().to(x.dtype))
         if self.bias is not None:
