@@ -46,6 +46,20 @@ def test_replica_bounds_checked_before_ray_starts():
                                    "--min-replicas 1 and --max-replicas 2")
 
 
+def test_autoscaling_bounds_reach_ray_serve_config():
+    pytest.importorskip("ray.serve")
+    from litedeploy.serve.ray_app import EngineReplica, ReplicaOptions
+
+    options = ReplicaOptions(num_replicas=2, min_replicas=1, max_replicas=3, num_gpus=2.0)
+    deployment = EngineReplica.options(**options.replica_kwargs())
+    config = deployment._deployment_config  # what Ray Serve's controller receives
+    autoscaling = config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.initial_replicas,
+            autoscaling.max_replicas) == (1, 2, 3)
+    assert deployment.ray_actor_options["num_gpus"] == 2.0  # --tp GPUs per replica
+    assert config.request_router_config.request_router_class.endswith("PrefixAffinityRouter")
+
+
 # ---- a running deployment ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_server(tmp_path_factory):
