@@ -57,7 +57,7 @@ grep -hE "api_server:" "$OUT"/server-*.log
 one="http://127.0.0.1:${PORTS[0]}"
 both="$one,http://127.0.0.1:${PORTS[1]}"
 bench() {  # bench NAME URLS
-    timeout 240 $PYTHON -m litedeploy bench serving --url "$2" --endpoint completions \
+    timeout 150 $PYTHON -m litedeploy bench serving --url "$2" --endpoint completions \
         --vocab-size "$vocab" "${SERVE[@]}" --output-json "$OUT/$1.json" >/dev/null
     echo "$1: exit $?"
 }
