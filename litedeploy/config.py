@@ -166,6 +166,35 @@ class SchedulerConfig:
     session_len: int | None = None
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Where the --tp ranks run: one host by default; several with --nnodes (each node starts
+    tp / nnodes ranks and rendezvouses at node 0's --master-addr:--master-port). Under torchrun
+    the ranks come from its environment instead (distributed/launch.py)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None  # None on one host: 127.0.0.1 and a free port
+    master_port: int = 29500  # torch.distributed's usual MASTER_PORT
+    # a rank whose heartbeat is this late counts as lost: every rank then exits non-zero
+    heartbeat_timeout_s: float = 10.0
+
+    def validate(self, tp: int) -> None:
+        if self.nnodes < 1:
+            raise ModelLoadError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ModelLoadError(f"--node-rank {self.node_rank} is out of range for --nnodes "
+                                 f"{self.nnodes} (use 0..{self.nnodes - 1})")
+        if self.nnodes > 1 and not self.master_addr:
+            raise ModelLoadError(f"--nnodes {self.nnodes} needs --master-addr: the address of "
+                                 "node 0 that every node can reach")
+        if tp % self.nnodes:
+            raise ModelLoadError(f"--tp {tp} is not divisible by --nnodes {self.nnodes}: each "
+                                 "node runs tp / nnodes ranks")
+        if not 0 < self.master_port < 65536:
+            raise ModelLoadError(f"--master-port must be in 1..65535, got {self.master_port}")
+
+
 @dataclass
 class EngineConfig:
     dtype: str = "auto"
@@ -190,6 +219,8 @@ class EngineConfig:
     num_scheduler_steps: int | None = None
     # a busy batch (over half full) admits waiting requests every this many decode steps
     prefill_interval: int = 16
+    # multi-node tensor parallelism (--nnodes, --node-rank, --master-addr, --master-port)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         """Refuse settings this version cannot honour, instead of silently ignoring them."""
@@ -197,6 +228,7 @@ class EngineConfig:
             raise ModelLoadError(f"--quant-policy must be 0, 4 or 8, got {self.quant_policy}")
         if self.tp < 1:
             raise ModelLoadError(f"--tp must be >= 1, got {self.tp}")
+        self.parallel.validate(self.tp)
         if self.model_format not in (None, "hf", "awq", "gguf"):
             raise ModelLoadError(f"unknown --model-format {self.model_format} "
                                  "(supported: hf, awq, gguf)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from litedeploy.config import EngineConfig, GenerationConfig
+from litedeploy.config import EngineConfig, GenerationConfig, ParallelConfig
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -82,6 +82,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chat-template", default=None,
                        help="built-in template name, or a .jinja / .json file")
     group.add_argument("--tp", type=positive_int, default=1, help="tensor parallel size")
+    add_multinode_args(parser)
     group.add_argument("--eager-mode", action="store_true",
                        help="disable CUDA graphs (GPU) and the compiled decode step (CPU)")
     group.add_argument("--num-scheduler-steps", type=positive_int, default=None,
@@ -92,6 +93,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-gpu-memory", type=positive_gib, default=None, metavar="GIB",
                        help="cap this process's CUDA memory (weights, activations, KV cache) "
                             "at GIB GiB; the KV cache is sized inside the cap (CUDA only)")
+
+
+def add_multinode_args(parser: argparse.ArgumentParser) -> None:
+    """--tp over several nodes (lmdeploy's names); under torchrun its environment places ranks."""
+    group = parser.add_argument_group("multi-node tensor parallelism (start the same command "
+                                      "on every node, each with its own --node-rank)")
+    group.add_argument("--nnodes", type=positive_int, default=1,
+                       help="nodes the --tp ranks are spread over (tp / nnodes ranks each)")
+    group.add_argument("--node-rank", type=int, default=0,
+                       help="this node's index, 0..nnodes-1 (node 0 serves; the others follow)")
+    group.add_argument("--master-addr", default=None,
+                       help="address of node 0 that every node can reach (needed with --nnodes)")
+    group.add_argument("--master-port", type=positive_int, default=29500,
+                       help="port on node 0 where the ranks meet")
 
 
 def add_log_arg(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +142,17 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         model_format=args.model_format, chat_template=args.chat_template, tp=args.tp,
         eager_mode=args.eager_mode, load_format=args.load_format,
         num_scheduler_steps=args.num_scheduler_steps, max_gpu_memory=args.max_gpu_memory,
+        parallel=parallel_config_from(args),
     )
+
+
+def parallel_config_from(args: argparse.Namespace) -> ParallelConfig:
+    defaults = ParallelConfig()  # for callers whose namespace predates the multi-node flags
+    return ParallelConfig(
+        nnodes=getattr(args, "nnodes", defaults.nnodes),
+        node_rank=getattr(args, "node_rank", defaults.node_rank),
+        master_addr=getattr(args, "master_addr", defaults.master_addr),
+        master_port=getattr(args, "master_port", defaults.master_port))
 
 
 def generation_config_from(args: argparse.Namespace) -> GenerationConfig:

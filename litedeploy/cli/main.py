@@ -62,13 +62,25 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         _resolve_model_id(args)
-        return int(args.run(args) or 0)
+        code = _run_worker_ranks(args)  # multi-node --tp / torchrun: ranks > 0 end here
+        return code if code is not None else int(args.run(args) or 0)
     except (LiteDeployError, ValueError, FileNotFoundError) as exc:
         # bad input the user can fix (LiteDeployError subclasses ValueError/FileNotFoundError)
         print(f"litedeploy: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _run_worker_ranks(args: argparse.Namespace) -> int | None:
+    """On a node other than node 0 (or a torchrun rank > 0), serve the tensor-parallel ranks
+    instead of the command: only global rank 0 serves HTTP, chats or benchmarks."""
+    if not hasattr(args, "nnodes"):  # a command without engine flags
+        return None
+    from litedeploy.cli.args import engine_config_from
+    from litedeploy.distributed.launch import run_worker_ranks
+
+    return run_worker_ranks(args.model_path, engine_config_from(args))
 
 
 def _resolve_model_id(args: argparse.Namespace) -> None:

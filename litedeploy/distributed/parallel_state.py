@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from litedeploy.errors import ModelLoadError
+
 
 @dataclass(frozen=True)
 class TPState:
@@ -31,9 +33,11 @@ def tp_state() -> TPState:
     return _STATE
 
 
-def init_tensor_parallel(rank: int, world_size: int, master_addr: str, master_port: int,
-                         backend: str, timeout_s: float = 120.0) -> TPState:
-    """Join the process group (gloo on CPU, nccl on CUDA) and remember this rank."""
+def init_tensor_parallel(rank: int, world_size: int, init_method: str, backend: str,
+                         timeout_s: float = 120.0) -> TPState:
+    """Join the process group (gloo on CPU, nccl on CUDA) and remember this rank.
+
+    `init_method`: tcp://ADDR:PORT (rank 0 hosts the store) or env:// (under torchrun)."""
     global _STATE
     if world_size > 1:
         # no NVLink multicast (NCCL, PyTorch symmetric memory, NVSHMEM): on shared hosts a
@@ -41,10 +45,15 @@ def init_tensor_parallel(rank: int, world_size: int, master_addr: str, master_po
         for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
                             ("NVSHMEM_DISABLE_NVLS", "1")):
             os.environ.setdefault(name, value)
-        dist.init_process_group(
-            backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-            world_size=world_size, timeout=timedelta(seconds=timeout_s),
-        )
+        try:
+            dist.init_process_group(backend, init_method=init_method, rank=rank,
+                                    world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as exc:  # DistStoreError: a node never came
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ModelLoadError(
+                f"tensor-parallel rank {rank} of {world_size} could not join the group at "
+                f"{init_method} within {timeout_s:g} s ({first}); start every node with the "
+                "same --tp, --nnodes, --master-addr and --master-port") from exc
     _STATE = TPState(rank, world_size)
     return _STATE
 

@@ -2,7 +2,9 @@
 run the same forward on their shard of the model and KV cache.
 
 Control messages (`call(method, *args)`) go over a gloo group even on GPUs, so that pickled step
-inputs never touch NCCL; the forward's collectives run on the main group (NCCL or gloo).
+inputs never touch NCCL; the forward's collectives run on the main group (NCCL or gloo). Where
+the ranks run (one host, --nnodes, torchrun) is launch.py's; every rank heartbeats (liveness.py),
+so a lost one ends all of them.
 """
 
 from __future__ import annotations
@@ -11,85 +13,133 @@ import atexit
 import gc
 import logging
 import os
-import socket
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from litedeploy.config import EngineConfig
+from litedeploy.distributed.launch import RankLayout, resolve_layout
+from litedeploy.distributed.liveness import Liveness
 from litedeploy.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from litedeploy.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 DESTROY_TIMEOUT_S = 30.0  # a process group teardown that takes longer is stuck on a dead rank
+# how long ranks wait for each other at start-up (another node may be started by hand later)
+RENDEZVOUS_TIMEOUT_S = 300.0
+# Workers wait for rank 0's next call however long the server stays idle (liveness is the
+# heartbeats' job): gloo's default 30 minutes would end an idle server's workers.
+CONTROL_TIMEOUT = timedelta(days=365)
+# rank 0, having lost a rank: time for the failed step's error to reach HTTP clients
+LOST_GRACE_S = 1.5
+# errors of a collective whose peer is gone: one line, not a traceback
+_PEER_ERRORS = ("closed by peer", "Connection reset", "Broken pipe", "Timed out", "NCCL",
+                "Connection refused")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rank_device(config: EngineConfig, rank: int) -> str:
+def rank_device(config: EngineConfig, local_rank: int) -> str:
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
         return "cpu"
-    return f"cuda:{rank}"
+    return f"cuda:{local_rank}"
 
 
-def check_tp(config: EngineConfig) -> None:
+def check_tp(config: EngineConfig, layout: RankLayout) -> None:
     if config.tp < 1:
         raise ModelLoadError(f"--tp must be >= 1, got {config.tp}")
     device = rank_device(config, 0)
-    if device != "cpu" and config.tp > torch.cuda.device_count():
+    if device != "cpu" and layout.local_size > torch.cuda.device_count():
+        where = "" if layout.nnodes == 1 else f" on each of {layout.nnodes} nodes"
         raise ModelLoadError(
-            f"--tp {config.tp} needs {config.tp} GPUs, but {torch.cuda.device_count()} are "
-            "visible; use a smaller --tp or --device cpu")
+            f"--tp {config.tp} needs {layout.local_size} GPUs{where}, but "
+            f"{torch.cuda.device_count()} are visible; use a smaller --tp or --device cpu")
 
 
-def start_workers(model_path: str, config: EngineConfig) -> tuple["WorkerGroup", EngineConfig]:
-    """Check the split first (so a bad --tp is one clear error, not N crashed processes), then
-    spawn ranks 1..N-1 and join the group as rank 0. Returns rank 0's engine config."""
+def check_split(model_path: str, tp: int) -> None:
+    """A --tp the model's heads cannot be split by is one clear error on every node, before any
+    rank starts or waits for the others."""
     from litedeploy.config import ModelConfig
     from litedeploy.loader.model_loader import open_source
 
-    check_tp(config)
-    ModelConfig.from_hf(open_source(model_path).hf_config).shard(config.tp)
-    workers = WorkerGroup(model_path, config)
-    return workers, replace(config, device=rank_device(config, 0))
+    ModelConfig.from_hf(open_source(model_path).hf_config).shard(tp)
+
+
+def start_workers(model_path: str, config: EngineConfig) -> tuple[WorkerGroup, EngineConfig]:
+    """Check the split first (so a bad --tp is one clear error, not N crashed processes), then
+    start this node's other ranks and join the group as rank 0. Returns rank 0's engine config.
+
+    A process that is not rank 0 (a torchrun rank > 0, --node-rank > 0) serves its ranks here
+    and then ends: `pipeline()` / `from_pretrained` return only on rank 0."""
+    layout = resolve_layout(config)
+    assert layout is not None, "start_workers needs --tp > 1 or torchrun"
+    if layout.rank != 0:
+        serve_ranks(model_path, config, layout)  # does not return
+    check_tp(config, layout)
+    check_split(model_path, config.tp)
+    workers = WorkerGroup(model_path, config, layout)
+    return workers, replace(config, device=rank_device(config, layout.local_rank))
+
+
+def _backend(config: EngineConfig) -> str:
+    return "gloo" if rank_device(config, 0) == "cpu" else "nccl"
+
+
+def _spawn_local_ranks(model_path: str, config: EngineConfig,
+                       layout: RankLayout) -> list[mp.Process]:
+    context = mp.get_context("spawn")
+    processes = [
+        context.Process(target=_worker_main, daemon=True,
+                        name=f"litedeploy-tp{layout.global_rank(local_rank)}",
+                        args=(model_path, config, layout, local_rank))
+        for local_rank in layout.spawned_local_ranks
+    ]
+    for process in processes:
+        process.start()
+    return processes
+
+
+def _join_group(config: EngineConfig, layout: RankLayout, local_rank: int,
+                on_lost: Callable[[str], None]) -> tuple[object, Liveness]:
+    """Join the process group as `local_rank` of this node; returns (control group, liveness)."""
+    rank = layout.global_rank(local_rank)
+    backend = _backend(config)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    init_tensor_parallel(rank, layout.world_size, layout.init_method, backend,
+                         RENDEZVOUS_TIMEOUT_S)
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    liveness = Liveness(layout.master_addr, layout.master_port, rank, layout.world_size,
+                        config.parallel.heartbeat_timeout_s, layout.describe, on_lost)
+    return control, liveness.start()
+
+
+def _exit_lost(message: str) -> None:
+    print(f"litedeploy: error: {message}; shutting down", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 class WorkerGroup:
-    """Rank 0's handle on the worker processes."""
+    """Rank 0's handle on the other ranks: its own node's child processes, and the ranks of
+    other nodes it reaches only through the process group."""
 
-    def __init__(self, model_path: str, config: EngineConfig):
-        check_tp(config)
-        self.world_size = config.tp
-        addr, port = "127.0.0.1", _free_port()
-        backend = "gloo" if rank_device(config, 0) == "cpu" else "nccl"
-        context = mp.get_context("spawn")
-        self.processes = [
-            context.Process(target=_worker_main, daemon=True, name=f"litedeploy-tp{rank}",
-                            args=(rank, self.world_size, addr, port, backend, model_path, config))
-            for rank in range(1, self.world_size)
-        ]
-        for process in self.processes:
-            process.start()
+    def __init__(self, model_path: str, config: EngineConfig, layout: RankLayout):
+        self.layout = layout
+        self.world_size = layout.world_size
+        self.processes = _spawn_local_ranks(model_path, config, layout)
         self._closing = False
+        self._lost_once = threading.Lock()
         self.before_close: list[Callable[[], None]] = []  # rank 0's own teardown steps
         atexit.register(self.close)
         threading.Thread(target=self._watch, name="litedeploy-tp-watchdog", daemon=True).start()
-        if backend == "nccl":
-            torch.cuda.set_device(0)
-        init_tensor_parallel(0, self.world_size, addr, port, backend)
-        self.control = dist.new_group(backend="gloo")
+        self.control, self.liveness = _join_group(config, layout, layout.local_rank, self._lost)
 
     def call(self, method: str, *args) -> None:
         """Every worker runs `method(*args)` (see `_Worker`); rank 0 then does its own part.
@@ -108,34 +158,49 @@ class WorkerGroup:
         if self._closing:
             return
         self._closing = True
+        if getattr(self, "liveness", None) is not None:
+            self.liveness.stop()  # the ranks leave now, on purpose
         for step in self.before_close:  # rank 0 frees its CUDA graphs, as the workers do
             step()
         try:
             self.call("stop")
-        except Exception:  # noqa: BLE001 - workers may be gone already
-            pass
+        except Exception as exc:  # noqa: BLE001 - workers may be gone already
+            logger.debug("stop not sent to every rank: %s", exc)
         # while the workers destroy theirs: NCCL's teardown waits for every rank
         if not destroy_tensor_parallel(timeout_s=DESTROY_TIMEOUT_S):
             logger.warning("the tensor-parallel process group did not shut down within %g s",
                            DESTROY_TIMEOUT_S)
-        for process in self.processes:
-            process.join(timeout=10)
-            if process.is_alive():  # stuck in a collective rank 0 left (a failed start-up)
-                logger.warning("tensor-parallel worker %s did not stop; terminating it",
-                               process.name)
-                process.terminate()
-                process.join(timeout=5)
+        _join_children(self.processes)
+
+    def _lost(self, message: str) -> None:
+        """A rank is gone: say so in one line, let the step in flight fail its requests (their
+        clients get an error), then exit non-zero: the group cannot step without it."""
+        if self._closing or not self._lost_once.acquire(blocking=False):
+            return
+        print(f"litedeploy: error: {message}; shutting down", file=sys.stderr, flush=True)
+        time.sleep(LOST_GRACE_S)
+        os._exit(1)
 
     def _watch(self) -> None:
-        # A dead worker would leave rank 0 blocked in a collective: fail loudly instead.
+        # A dead local worker is seen at once here (a remote one through the heartbeats)
         while not self._closing:
             for process in self.processes:
                 if process.exitcode is not None and not self._closing:
-                    print(f"litedeploy: error: tensor-parallel worker {process.name} died "
-                          f"(exit code {process.exitcode}); shutting down", file=sys.stderr,
-                          flush=True)
-                    os._exit(1)
+                    self._lost(f"tensor-parallel worker {process.name} died (exit code "
+                               f"{process.exitcode})")
             time.sleep(0.2)
+
+
+def _join_children(processes: list[mp.Process]) -> bool:
+    """Wait for this node's child ranks to exit; True if all exited with 0."""
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():  # stuck in a collective rank 0 left (a failed start-up)
+            logger.warning("tensor-parallel worker %s did not stop; terminating it",
+                           process.name)
+            process.terminate()
+            process.join(timeout=5)
+    return all(process.exitcode == 0 for process in processes)
 
 
 class _Worker:
@@ -201,32 +266,87 @@ def gather_free_memory(free_bytes: int, control) -> list[int]:
     return [int(value) for value in gathered]
 
 
-def _worker_main(rank: int, world_size: int, addr: str, port: int, backend: str,
-                 model_path: str, config: EngineConfig) -> None:
+def serve_ranks(model_path: str, config: EngineConfig, layout: RankLayout) -> int:
+    """A process that is not rank 0: start this node's other local ranks (none under torchrun),
+    run its own rank until rank 0 says stop, then end the process (exit 0 when every rank of
+    this node stopped cleanly). Never returns."""
+    check_tp(config, layout)
+    check_split(model_path, config.tp)
+    processes = _spawn_local_ranks(model_path, config, layout)
+    stopping = threading.Event()
+
+    def watch() -> None:
+        while not stopping.is_set():
+            for process in processes:  # exit code 0: it got rank 0's "stop" first
+                if process.exitcode not in (None, 0) and not stopping.is_set():
+                    _exit_lost(f"tensor-parallel worker {process.name} died (exit code "
+                               f"{process.exitcode})")
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, name="litedeploy-tp-watchdog", daemon=True).start()
+    nodes = f"node {layout.node_rank} of {layout.nnodes}, " if layout.nnodes > 1 else ""
+    print(f"litedeploy: tensor-parallel {nodes}rank {layout.rank}: following rank 0 at "
+          f"{layout.master_addr}:{layout.master_port}", flush=True)
+    # the rank runs in a thread so that Ctrl-C still reaches this (main) thread while the rank
+    # waits inside a collective
+    rank = threading.Thread(target=_run_rank, name="litedeploy-tp-rank", daemon=True,
+                            args=(model_path, config, layout, layout.local_rank, stopping))
+    rank.start()
     try:
-        logging.basicConfig(level=logging.WARNING)
-        device = rank_device(config, rank)
-        if device != "cpu":
-            torch.cuda.set_device(rank)
-        init_tensor_parallel(rank, world_size, addr, port, backend)
-        control = dist.new_group(backend="gloo")
-        worker = _Worker(model_path, config, device, control)
-        while True:
-            message = [None]
-            dist.broadcast_object_list(message, src=0, group=control)
-            method, args = message[0]
-            if method == "stop":
-                worker.release_graphs()
-                break
-            with torch.inference_mode():
-                getattr(worker, method)(*args)
-        destroy_tensor_parallel(timeout_s=DESTROY_TIMEOUT_S)  # with rank 0's, at the same time
-    except Exception:  # noqa: BLE001 - report, then exit non-zero so rank 0's watchdog sees it
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
+        while rank.is_alive():
+            rank.join(timeout=0.5)
+    except KeyboardInterrupt:
+        _exit_lost(f"tensor-parallel rank {layout.rank} interrupted")
+    code = 0 if _join_children(processes) else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _worker_main(model_path: str, config: EngineConfig, layout: RankLayout,
+                 local_rank: int) -> None:
+    """A spawned child: one local rank."""
+    logging.basicConfig(level=logging.WARNING)
+    _run_rank(model_path, config, layout, local_rank, threading.Event())
     # skip the interpreter's teardown: destructors of CUDA graphs and communicators have
     # nothing left to free in a process that ends here, and must not hang its exit
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _run_rank(model_path: str, config: EngineConfig, layout: RankLayout, local_rank: int,
+              stopping: threading.Event) -> None:
+    """Join the group, load this rank's shard, then follow rank 0's calls until "stop". Any
+    error ends the process non-zero (rank 0 sees the rank go)."""
+    rank = layout.global_rank(local_rank)
+    liveness = None
+    try:
+        control, liveness = _join_group(config, layout, local_rank, _exit_lost)
+        worker = _Worker(model_path, config, rank_device(config, local_rank), control)
+        while True:
+            message = [None]
+            dist.broadcast_object_list(message, src=0, group=control)
+            method, args = message[0]
+            if method == "stop":
+                stopping.set()
+                liveness.stop()
+                worker.release_graphs()
+                break
+            with torch.inference_mode():
+                getattr(worker, method)(*args)
+        destroy_tensor_parallel(timeout_s=DESTROY_TIMEOUT_S)  # with rank 0's, at the same time
+    except Exception as exc:  # noqa: BLE001 - report, then exit non-zero so the others see it
+        if isinstance(exc, ModelLoadError) or any(part in str(exc) for part in _PEER_ERRORS):
+            _exit_lost(f"tensor-parallel rank {rank}: {_short(exc)}")
+        traceback.print_exc()
+        _exit_lost(f"tensor-parallel rank {rank} failed: {type(exc).__name__}")
+
+
+def _short(exc: BaseException) -> str:
+    """gloo's "[/path/pair.cc:553] Connection closed by peer [addr]:port. This is typically..."
+    -> "Connection closed by peer [addr]:port"."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically", 1)[0][:300]

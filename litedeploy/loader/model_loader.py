@@ -19,6 +19,7 @@ from litedeploy.layers.quant_linear import Int4Linear, Int8Linear
 from litedeploy.layers.rotary import RotaryEmbedding
 from litedeploy.loader import weights
 from litedeploy.loader.quantization import QuantizationPlan, plan_quantization
+from litedeploy.loader.sharded import narrow_to_rank, rank_tensors
 from litedeploy.models.decoder import DecoderForCausalLM
 from litedeploy.models.registry import model_class_for
 
@@ -180,8 +181,12 @@ def load_model(
     if load_format == "dummy":
         _init_random(model)
     else:
-        tensors, total = plan.tensors() if plan else _checkpoint_tensors(source)
-        _load_tensors(model, _rank_slices(tensors, model, tp.rank), total)
+        if plan is not None:
+            tensors, total = plan.tensors()
+            tensors = narrow_to_rank(tensors, model, tp.rank)
+        else:
+            tensors, total = _checkpoint_tensors(source, model, tp.rank)
+        _load_tensors(model, tensors, total)
     if plan is not None:
         plan.finalize(model)
     if target_device.type == "cuda":  # hand back loading's scratch before the cache is sized
@@ -189,19 +194,17 @@ def load_model(
     return model, config
 
 
-def _rank_slices(tensors: Iterator[tuple[str, torch.Tensor]], model: DecoderForCausalLM,
-                 rank: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Under tensor parallelism keep only this rank's slice of each sharded tensor."""
-    for name, tensor in tensors:
-        piece = model.tp_slice(name, rank)
-        yield name, tensor if piece is None else tensor.narrow(*piece)
-
-
-def _checkpoint_tensors(source: ModelSource) -> tuple[Iterator[tuple[str, torch.Tensor]], int | None]:
+def _checkpoint_tensors(source: ModelSource, model: DecoderForCausalLM,
+                        rank: int) -> tuple[Iterator[tuple[str, torch.Tensor]], int | None]:
+    """The checkpoint's tensors; under tensor parallelism only this rank's slices (sliced
+    reads from safetensors; GGUF and .bin tensors are read whole and narrowed)."""
     if source.is_gguf:
-        return source.gguf.tensors(), len(source.gguf.tensor_names())
+        tensors = narrow_to_rank(source.gguf.tensors(), model, rank)
+        return tensors, len(source.gguf.tensor_names())
     files = weights.find_weight_files(source.path)
-    return weights.iter_tensors(files), weights.count_tensors(files)
+    if model.config.tp_size == 1:
+        return weights.iter_tensors(files), weights.count_tensors(files)
+    return rank_tensors(files, model, rank), weights.count_tensors(files)
 
 
 # Dummy weights are N(0, 0.02); quantized linears get random codes whose dequantized weights have

@@ -44,11 +44,11 @@ def make_llama(folder: Path, rope_scaling: dict | None = None, tie: bool = False
     return folder, model
 
 
-def make_qwen2(folder: Path, seed: int = 0):
+def make_qwen2(folder: Path, seed: int = 0, **overrides):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(**TINY, rope_theta=10000.0, tie_word_embeddings=True)
+    config = Qwen2Config(**{**TINY, **overrides}, rope_theta=10000.0, tie_word_embeddings=True)
     model = Qwen2ForCausalLM(config).float().eval()
     _randomize_norms(model)
     with torch.no_grad():  # random biases, so a dropped bias shows
@@ -61,18 +61,19 @@ def make_qwen2(folder: Path, seed: int = 0):
 
 
 def make_internlm2(folder: Path, seed: int = 0, dynamic_factor: float | None = 2.0,
-                   max_position_embeddings: int = 256, file_format: str = "safetensors"):
+                   max_position_embeddings: int = 256, file_format: str = "safetensors",
+                   **overrides):
     """InternLM2 layout (packed interleaved wqkv, its names) from a random Llama twin."""
     llama_folder = folder.parent / (folder.name + "-llama-twin")
     rope = {"rope_type": "dynamic", "factor": dynamic_factor} if dynamic_factor else None
     _, twin = make_llama(llama_folder, rope_scaling=rope, seed=seed,
-                         max_position_embeddings=max_position_embeddings)
+                         max_position_embeddings=max_position_embeddings, **overrides)
     folder.mkdir(parents=True, exist_ok=True)
     state = _to_internlm2_state(twin)
     config = {
         "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
         "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config"},
-        "bias": False, "hidden_act": "silu", **TINY, "pad_token_id": 2,
+        "bias": False, "hidden_act": "silu", **TINY, **overrides, "pad_token_id": 2,
         "max_position_embeddings": max_position_embeddings,
         "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32",
     }
