@@ -29,6 +29,7 @@ class HttpCall:
     body: bytes = b""
     routing_key: str | None = None  # the prompt's first characters (None: no prompt)
     replica_id: str | None = None  # the replica the client asked for (REPLICA_HEADER)
+    client: tuple[str, int] = ("127.0.0.1", 0)  # the HTTP client's address, for the app's logs
 
 
 def _message_text(content: object) -> str:
@@ -66,7 +67,7 @@ def _scope(call: HttpCall) -> dict:
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1", "method": call.method, "scheme": "http", "path": call.path,
         "raw_path": call.path.encode(), "root_path": "", "query_string": call.query_string,
-        "headers": call.headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+        "headers": call.headers, "client": call.client, "server": ("127.0.0.1", 0),
     }
 
 

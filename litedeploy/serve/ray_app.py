@@ -128,9 +128,10 @@ class OpenAIIngress:
     async def __call__(self, request: Request) -> Response:
         body = await request.body()
         path = request.url.path
+        client = (request.client.host, request.client.port) if request.client else ("", 0)
         call = HttpCall(request.method, path, request.scope.get("query_string", b""),
                         list(request.scope["headers"]), body, routing_key(path, body),
-                        request.headers.get(REPLICA_HEADER))
+                        request.headers.get(REPLICA_HEADER), client)
         stream: DeploymentResponseGenerator = self.replicas.handle.remote(call)
         try:
             status, headers = await stream.__anext__()
