@@ -8,10 +8,11 @@
 #   wave_off   batch 1 + TTFT again with the Triton GEMV off (LITEDEPLOY_GEMV=0): cuBLAS, before
 #   gemv       the GEMV vs cuBLAS at each linear's shape, 1..16 rows (+ a tile sweep)
 #   awq        AWQ int4 batch-1 decode (dummy int4 weights), int4 GEMV on / off, against bf16
-#   profile    per-kernel time of one decode step (ncu, clocks untouched): batch 1 and 64
+#   profile    per-kernel time of one decode step (ncu, clocks untouched): batch 1 and 64, KV int8
+#              at batch 64, AWQ int4 at batch 1
 #   kv8        offline throughput with the KV cache in int8 (one run), against the median
 #   summary    the issue's targets against the figures (printed last, summary.md)
-# Optional: GEMV_SWEEP=1 sweeps the GEMV's tiles; PROFILES='1:1 1:0' profiles cuBLAS too;
+# Optional: GEMV_SWEEP=1 sweeps the GEMV's tiles; PROFILES='1:1 1:0' picks the profiles;
 # GPU_SUITE_HF=1 adds the transformers baselines (bench latency --compare-hf).
 # Results go to $OUT (default benchmarks/results/local).
 #   device run:  bash benchmarks/gpu_suite.sh
@@ -54,12 +55,14 @@ done
 step "gemv vs cuBLAS"
 timeout "$(left 120)" python3 -m litedeploy.bench.gemv_bench ${GEMV_SWEEP:+--sweep} \
     --output-json "$OUT/gemv.json" 2>&1 | grep -E '^\|' | tee -a "$LOG"
-for spec in ${PROFILES:-1:1 64:1}; do  # batch:gemv
-    set -- ${spec/:/ }
-    step "profile: batch $1, GEMV $2"
-    LITEDEPLOY_GEMV=$2 timeout "$(left 100)" python3 -m litedeploy.bench.kernel_profile "$MODEL" \
-        --batch-size "$1" --output-json "$OUT/profile_b$1_gemv$2.json" 2>&1 | tail -22 \
-        | tee -a "$LOG"
+# batch:gemv[:kv quant policy[:model format]]; the KV int8 and AWQ int4 steps profiled too
+for spec in ${PROFILES:-1:1 64:1 64:1:8 1:1:0:awq}; do
+    IFS=: read -r batch gemv qp fmt <<<"$spec"
+    name="b${batch}_gemv${gemv}${qp:+_kv$qp}${fmt:+_$fmt}"
+    step "profile: $name"
+    LITEDEPLOY_GEMV=$gemv timeout "$(left 100)" python3 -m litedeploy.bench.kernel_profile "$MODEL" \
+        --batch-size "$batch" --quant-policy "${qp:-0}" ${fmt:+--model-format "$fmt"} \
+        --output-json "$OUT/profile_$name.json" 2>&1 | tail -22 | tee -a "$LOG"
 done
 step "KV int8 throughput (one run)"
 timeout "$(left 90)" python3 -m litedeploy bench throughput "$MODEL" "${COMMON[@]}" --quant-policy 8 \

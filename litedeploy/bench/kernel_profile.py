@@ -28,9 +28,10 @@ import torch
 from litedeploy.bench.common import random_prompts
 
 _GROUPS = (  # (label, regex on the kernel name), first match wins
+    ("int4 GEMV / GEMM (Triton)", r"int4|awq"),
     ("gemv (Triton)", r"_gemv_kernel"),
     ("GEMM (cuBLAS / cutlass)", r"gemm|gemv|cutlass|sm90_xmma|nvjet|splitKreduce"),
-    ("decode attention", r"_decode|attention|_attn"),
+    ("decode attention (+ split reduce)", r"_decode|attention|_attn|_reduce_splits"),
     ("rms_norm (+ residual)", r"rms_norm"),
     ("rope", r"rope"),
     ("store_kv", r"store_kv"),
@@ -48,14 +49,16 @@ def _ncu() -> str | None:
     return candidates[-1] if candidates else None
 
 
-def profiled_step(model_path: str, batch_size: int) -> None:
+def profiled_step(model_path: str, batch_size: int, quant_policy: int = 0,
+                  model_format: str | None = None) -> None:
     """The child: one engine, rows decoding at context ~512, one engine step between
     cudaProfilerStart/Stop (multi-step off, so that is exactly one graph replay + sampling)."""
     from litedeploy.config import EngineConfig, GenerationConfig
     from litedeploy.engine.engine import LLMEngine
 
     config = EngineConfig(dtype="bfloat16", load_format="dummy", max_batch_size=max(8, batch_size),
-                          num_scheduler_steps=1)
+                          num_scheduler_steps=1, quant_policy=quant_policy,
+                          model_format=model_format)
     engine = LLMEngine.from_pretrained(model_path, config)
     prompts = random_prompts(batch_size, 512, engine.model_config.vocab_size, seed=3)
     for i, prompt in enumerate(prompts):
@@ -95,12 +98,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_path")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--quant-policy", type=int, default=0, help="KV cache: 0, 8 or 4 bits")
+    parser.add_argument("--model-format", default=None, help="awq: dummy int4 weights")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     if args.child:
         with torch.inference_mode():
-            profiled_step(args.model_path, args.batch_size)
+            profiled_step(args.model_path, args.batch_size, args.quant_policy, args.model_format)
         return 0
     ncu = _ncu()
     if ncu is None:
@@ -109,7 +114,10 @@ def main() -> int:
     cmd = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--csv",
            "--page", "raw", "--print-units", "base", "--metrics", "gpu__time_duration.sum",
            sys.executable, "-m", "litedeploy.bench.kernel_profile", args.model_path,
-           "--batch-size", str(args.batch_size), "--child"]
+           "--batch-size", str(args.batch_size), "--quant-policy", str(args.quant_policy),
+           "--child"]
+    if args.model_format:
+        cmd += ["--model-format", args.model_format]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
                           env=os.environ.copy())
     kernels = parse_ncu_csv(proc.stdout)
@@ -124,6 +132,7 @@ def main() -> int:
     total = sum(us for _, us in kernels)
     result = {
         "batch_size": args.batch_size, "gemv": os.environ.get("LITEDEPLOY_GEMV", "1") != "0",
+        "quant_policy": args.quant_policy, "model_format": args.model_format,
         "num_kernels": len(kernels), "kernel_time_us": total,
         "groups": {g: {"count": len(v), "us": sum(v)} for g, v in groups.items()},
         "kernels": {n: {"count": len(v), "us": sum(v)} for n, v in names.items()},

@@ -107,7 +107,9 @@ def profile_lines(folder: Path) -> list[str]:
     for path in sorted(folder.glob("profile_*.json")):
         prof = json.loads(path.read_text())
         total = prof["kernel_time_us"]
-        title = (f"Decode step kernels, batch {prof['batch_size']}, GEMV "
+        variant = "".join([f", KV int{prof['quant_policy']}" if prof.get("quant_policy") else "",
+                           f", {prof['model_format']} int4" if prof.get("model_format") else ""])
+        title = (f"Decode step kernels, batch {prof['batch_size']}{variant}, GEMV "
                  f"{'on' if prof['gemv'] else 'off'}: {prof['num_kernels']} kernels, "
                  f"{total:.0f} us (ncu, one kernel at a time, caches flushed)")
         lines += ["", title, "", "| group | kernels | us | share |", "| --- | --- | --- | --- |"]

@@ -92,15 +92,21 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _DispatchedLinear(torch.nn.Linear):
-    """nn.Linear whose forward goes through `linear` above (same parameters, same state dict)."""
+    """nn.Linear whose one-row calls go through `linear` above (same parameters, same state
+    dict); every other call goes straight to F.linear, so an eager prefill (host-bound at a
+    few hundred launches) pays one shape check per linear and nothing more."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if x.dim() == 2 and x.shape[0] == 1:
+            return linear(x, self.weight, self.bias)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 def use_dispatched_linears(model: torch.nn.Module) -> int:
     """Route the plain nn.Linear modules of a CUDA model through `linear`; returns how many.
     Quantized linears (their own classes) keep their kernels; CPU models are left alone."""
+    if not _gemv_enabled():
+        return 0
     count = 0
     for module in model.modules():
         if type(module) is torch.nn.Linear and module.weight.is_cuda:

@@ -113,6 +113,8 @@ def test_int4_gemv_matches_dequantized_weight(config, n_dim, k_dim, group_size) 
     x = torch.randn(1, k_dim, dtype=torch.float16)
     ref = x.double() @ w_deq.T
     assert triton_quant_gemm.int4_gemv_applies(x, group_size)
+    long_k = torch.randn(1, 2 * triton_quant_gemm.INT4_GEMV_MAX_K, dtype=torch.float16)
+    assert not triton_quant_gemm.int4_gemv_applies(long_k, group_size)  # awq_gemm's case
     out = triton_quant_gemm.int4_gemv(x.to(DEVICE), qweight.to(DEVICE), scales.to(DEVICE),
                                       zeros.to(DEVICE), group_size, config=config)
     assert out.shape == (1, n_dim) and out.dtype == torch.float16
