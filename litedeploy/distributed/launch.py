@@ -117,7 +117,7 @@ def run_worker_ranks(model_path: str | None, config: EngineConfig) -> int | None
     layout = resolve_layout(config)
     if layout is None or layout.rank == 0:
         return None
-    from litedeploy.distributed.workers import serve_ranks
+    from litedeploy.distributed.ranks import serve_ranks
     from litedeploy.model_bundle import resolve_model_path
 
     return serve_ranks(resolve_model_path(model_path), config, layout)

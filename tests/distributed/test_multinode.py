@@ -330,3 +330,46 @@ def test_each_rank_reads_only_its_slices(tmp_path, monkeypatch):
                 assert ("slice", name, index) in reads, name
         assert len(sharded) == 2 + 2 * 5  # embeddings, LM head; wqkv, wo, w1, w2, w3 per layer
         assert not [read for read in reads if read[0] == "whole" and read[1] in sharded]
+
+
+def test_heartbeats_name_the_lost_rank_and_a_lost_store():
+    """Liveness over a real TCPStore: a rank whose heartbeats stop is named by the others within
+    the timeout; when the store's host (rank 0) goes, the others say so."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from litedeploy.distributed.liveness import Liveness
+
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=5))
+    lost: dict[int, str] = {}
+    done = {rank: threading.Event() for rank in range(3)}
+
+    def reporter(rank: int):
+        def on_lost(message: str) -> None:
+            lost[rank] = message
+            done[rank].set()
+        return on_lost
+
+    ranks = [Liveness("127.0.0.1", port, rank, 3, 2.0, lambda r: f"rank {r}", reporter(rank))
+             for rank in range(3)]
+    for liveness in ranks:
+        liveness.start()
+    time.sleep(1.5)
+    assert not lost  # all beating
+    ranks[2].stop()  # rank 2 goes silent (and, leaving on purpose, reports nothing itself)
+    start = time.monotonic()
+    assert done[0].wait(10) and done[1].wait(10)
+    assert time.monotonic() - start < 6
+    assert "rank 2 is lost: no heartbeat for 2 s" in lost[0] and "rank 2 is lost" in lost[1]
+    assert 2 not in lost
+
+    survivor = Liveness("127.0.0.1", port, 1, 1, 2.0, str, reporter(2))
+    survivor.start()
+    time.sleep(1.0)
+    del store  # rank 0's store goes with its process
+    assert done[2].wait(15), "a vanished store was not reported"
+    assert "lost the rendezvous store at 127.0.0.1" in lost[2]
