@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Batch-1 decode of the embedded SmolLM2-135M GGUF, side by side in one run: ours with the 4-bit
-# weights kept (the default, eager), the same with the decode step compiled
-# (--cpu-compiled-decode), ours in float32 (--model-format hf), and llama.cpp on the same file and
-# prompt (llama-cpp-python, a benchmark-only install: pip install llama-cpp-python).
+# The CPU default path side by side with its peers, on the embedded SmolLM2-135M GGUF, 2 threads:
+#   - batch-1 decode and prefill of a 128- and a 512-token prompt: ours with no flags (4-bit
+#     weights kept, decode step compiled) and llama.cpp on the same file and prompt, one process
+#     after the other (llama-cpp-python, a benchmark-only install: pip install llama-cpp-python);
+#   - ours with --eager-mode (what the default was before the compiled step);
+#   - float32 (--model-format hf --dtype float32) against transformers float32 on the same weights;
+#   - serving: an api_server with no flags, `bench serving` with 32 concurrent clients, output tok/s
+#     against our batch-1 decode;
+#   - time to the first token of `litedeploy chat` from start-up (load + prefill + one token).
 # ROUNDS rounds (default 3); the summary takes each figure's median. Writes
 # $OUT_DIR/cpu-llama-cpp.json (default benchmarks/results). Run it on an otherwise idle machine:
 # the load average before each round is recorded next to its figures.
@@ -13,62 +18,95 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT_DIR:-benchmarks/results}
 ROUNDS=${ROUNDS:-3}
 THREADS=${THREADS:-2}
+PORT=${PORT:-23391}
+export OMP_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-shape=(--batch-size 1 --input-len 128 --output-len 128 --num-iters 3 --cache-max-tokens 32768)
+# the raw results stay in $TMP if the summary fails (it is removed at the end otherwise)
+trap '[ -n "${SERVER:-}" ] && kill "$SERVER" 2>/dev/null || true' EXIT
+common=(--batch-size 1 --num-iters 3 --cache-max-tokens 32768)
 
 for round in $(seq 1 "$ROUNDS"); do
     cut -d' ' -f1-3 /proc/loadavg > "$TMP/load-$round.txt"
-    # ours (4-bit kept, compiled decode) and llama.cpp in one process, one after the other
-    OMP_NUM_THREADS=$THREADS $LD bench latency "${shape[@]}" --cpu-compiled-decode \
-        --compare-llama-cpp --llama-cpp-threads "$THREADS" \
-        --output-json "$TMP/q4c-$round.json" > /dev/null
-    OMP_NUM_THREADS=$THREADS $LD bench latency "${shape[@]}" --output-json "$TMP/q4-$round.json" \
-        > /dev/null
-    OMP_NUM_THREADS=$THREADS $LD bench latency "${shape[@]}" --model-format hf --dtype float32 \
-        --output-json "$TMP/fp32-$round.json" > /dev/null
+    for len in 128 512; do  # ours (default path) and llama.cpp, one after the other
+        $LD bench latency "${common[@]}" --input-len "$len" --output-len 128 --compare-llama-cpp \
+            --llama-cpp-threads "$THREADS" --output-json "$TMP/default-$len-$round.json" > /dev/null
+    done
+    $LD bench latency "${common[@]}" --input-len 128 --output-len 128 --eager-mode \
+        --output-json "$TMP/eager-$round.json" > /dev/null
+    $LD bench latency "${common[@]}" --input-len 128 --output-len 64 --model-format hf \
+        --dtype float32 --compare-hf --output-json "$TMP/fp32-$round.json" > /dev/null
+    # start-up to the first token of the terminal chat (the compile runs in the background)
+    start=$(date +%s.%N)
+    echo "Hi" | $LD chat --max-new-tokens 1 > /dev/null 2> "$TMP/chat-$round.txt"
+    echo "$(date +%s.%N) - $start" | bc > "$TMP/chat-seconds-$round.txt"
 done
+
+# serving: 32 concurrent clients against an api_server with no flags
+$LD serve api_server --server-port "$PORT" > "$TMP/server.log" 2>&1 &
+SERVER=$!
+for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.5; done
+sleep 60  # let the background compile finish: the steady state is what is measured
+$LD bench serving --url "http://127.0.0.1:$PORT" --num-prompts 96 --max-concurrency 32 \
+    --max-tokens 128 --input-len 128 --output-json "$TMP/serving-32.json" > /dev/null
+kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=
 
 $PY - "$TMP" "$OUT" "$ROUNDS" <<'PY'
 import json, statistics, sys
 cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
             if line.startswith("model name")), "unknown")
 tmp, out, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+load = lambda name: json.load(open(f"{tmp}/{name}.json"))
 runs = []
 for r in range(1, rounds + 1):
-    q4 = json.load(open(f"{tmp}/q4-{r}.json"))
-    q4c = json.load(open(f"{tmp}/q4c-{r}.json"))
-    fp32 = json.load(open(f"{tmp}/fp32-{r}.json"))
+    d128, d512, eager, fp32 = (load(f"default-128-{r}"), load(f"default-512-{r}"),
+                               load(f"eager-{r}"), load(f"fp32-{r}"))
     runs.append({
         "load_avg_1_5_15_before": open(f"{tmp}/load-{r}.txt").read().split(),
-        "ours_4bit": q4["litedeploy"], "ours_4bit_compiled": q4c["litedeploy"],
-        "ours_float32": fp32["litedeploy"], "llama_cpp": q4c["llama_cpp"],
+        "ours_default_128": d128["litedeploy"], "llama_cpp_128": d128["llama_cpp"],
+        "ours_default_512": d512["litedeploy"], "llama_cpp_512": d512["llama_cpp"],
+        "ours_eager_128": eager["litedeploy"], "ours_float32_128": fp32["litedeploy"],
+        "transformers_float32_128": fp32["transformers"],
+        "chat_start_to_first_token_s": float(open(f"{tmp}/chat-seconds-{r}.txt").read()),
     })
-def median(engine, key):
-    return statistics.median(run[engine][key] for run in runs)
-summary = {
-    name: {key: median(name, key) for key in ("decode_tokens_per_s", "decode_ms_per_step",
-                                              "prefill_ms")}
-    for name in ("ours_4bit", "ours_4bit_compiled", "ours_float32", "llama_cpp")
+med = lambda key, field: statistics.median(run[key][field] for run in runs)
+names = ("ours_default_128", "llama_cpp_128", "ours_default_512", "llama_cpp_512",
+         "ours_eager_128", "ours_float32_128", "transformers_float32_128")
+summary = {name: {field: med(name, field) for field in ("decode_tokens_per_s", "prefill_ms")}
+           for name in names}
+serving = load("serving-32")
+batch1 = summary["ours_default_128"]["decode_tokens_per_s"]
+ratios = {
+    "decode_default_vs_llama_cpp_128": batch1 / summary["llama_cpp_128"]["decode_tokens_per_s"],
+    "decode_default_vs_llama_cpp_512": (summary["ours_default_512"]["decode_tokens_per_s"]
+                                        / summary["llama_cpp_512"]["decode_tokens_per_s"]),
+    "decode_eager_vs_llama_cpp_128": (summary["ours_eager_128"]["decode_tokens_per_s"]
+                                      / summary["llama_cpp_128"]["decode_tokens_per_s"]),
+    "prefill_speed_default_vs_llama_cpp_128": (summary["llama_cpp_128"]["prefill_ms"]
+                                               / summary["ours_default_128"]["prefill_ms"]),
+    "prefill_speed_default_vs_llama_cpp_512": (summary["llama_cpp_512"]["prefill_ms"]
+                                               / summary["ours_default_512"]["prefill_ms"]),
+    "decode_float32_vs_transformers": (summary["ours_float32_128"]["decode_tokens_per_s"]
+                                       / summary["transformers_float32_128"]["decode_tokens_per_s"]),
+    "serving_32_clients_vs_batch1": serving["output_throughput_tok_per_s"] / batch1,
 }
-theirs = summary["llama_cpp"]["decode_tokens_per_s"]
-ratios = {f"{name}_vs_llama_cpp": summary[name]["decode_tokens_per_s"] / theirs
-          for name in ("ours_4bit", "ours_4bit_compiled", "ours_float32")}
 result = {
-    "benchmark": "cpu batch-1 decode vs llama.cpp", "model": q4["model"],
-    "shape": {"batch_size": 1, "input_len": 128, "output_len": 128},
-    "threads": runs[0]["llama_cpp"]["n_threads"],
-    "machine": {**runs[0]["ours_4bit"]["machine"], "cpu": cpu},
-    "median_of_rounds": summary,
-    "decode_ratios": ratios,
-    "rounds": runs,
+    "benchmark": "cpu default path vs llama.cpp / transformers", "model": load("default-128-1")["model"],
+    "threads": runs[0]["llama_cpp_128"]["n_threads"],
+    "machine": {**runs[0]["ours_default_128"]["machine"], "cpu": cpu},
+    "median_of_rounds": summary, "ratios": ratios,
+    "chat_start_to_first_token_s": statistics.median(r["chat_start_to_first_token_s"] for r in runs),
+    "serving_32_clients": serving, "rounds": runs,
 }
 json.dump(result, open(f"{out}/cpu-llama-cpp.json", "w"), indent=2)
-rows = [(name, f"{s['decode_tokens_per_s']:.1f} tok/s", f"{s['decode_ms_per_step']:.2f} ms/tok",
-         f"prefill {s['prefill_ms']:.0f} ms") for name, s in summary.items()]
-rows += [(f"{name}", f"{value:.2f}x", "(target >= 0.75x)" if "4bit" in name else "", "")
-         for name, value in ratios.items()]
-print("\n".join("  ".join(f"{c:<22}" for c in row) for row in rows))
-print("load before each round:", [run["load_avg_1_5_15_before"][0] for run in runs])
+print(f"CPU: {cpu}, {result['threads']} threads; load before each round:",
+      [run["load_avg_1_5_15_before"][0] for run in runs])
+print(f"{'run':<28}{'decode tok/s':>14}{'prefill ms':>12}")
+for name, s in summary.items():
+    print(f"{name:<28}{s['decode_tokens_per_s']:>14.1f}{s['prefill_ms']:>12.1f}")
+print(f"{'serving, 32 clients':<28}{serving['output_throughput_tok_per_s']:>14.1f}  (output tok/s)")
+for name, value in ratios.items():
+    print(f"{name:<44}{value:>6.2f}x")
+print(f"chat start-up to first token: {result['chat_start_to_first_token_s']:.1f} s (median)")
 PY
+rm -rf "$TMP"
