@@ -62,7 +62,9 @@ def test_help_shows_defaults(capsys):
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())  # undo the help's line wrapping
     assert "--cache-max-entry-count CACHE_MAX_ENTRY_COUNT" in help_text
-    for default in ("(default: 0.8)", "(default: 64)", "(default: 8192)", "(default: 128)"):
+    for default in ("(default: 0.8)", "(default: 64)", "(default: 8192)"):
         assert default in help_text
+    # the chat serves one conversation: its KV cache is sized for one session
+    assert "max sequences in one step (default: 1)" in help_text
     assert "an empty line ends your input" in help_text
     assert "`end` starts a new session" in help_text
