@@ -51,7 +51,7 @@ def main() -> None:
         engine = engines["static_batch_graph"] = _engine(bundle, config, eager=True)
         runner = engine.runner
         static = CompiledCPUDecode(runner.model, runner.kv_cache, runner.scale,
-                                   runner._run_eager, dynamic_batch=False)
+                                   runner._run_eager, max(sizes), dynamic_batch=False)
         static.static_batch_sizes = static_sizes
         runner.graphs = static.start(background=False)
         result["static_compile_s"] = static.compile_seconds

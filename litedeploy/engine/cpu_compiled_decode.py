@@ -101,7 +101,8 @@ class CompiledCPUDecode:
     `status`: "compiling" (the eager path serves), "on", or "off" (`off_reason` says why)."""
 
     def __init__(self, model: DecoderForCausalLM, kv_cache: KVCache, scale: float,
-                 eager_run: Callable[[HostStepInputs], torch.Tensor], dynamic_batch: bool = True):
+                 eager_run: Callable[[HostStepInputs], torch.Tensor], max_batch_size: int = 2,
+                 dynamic_batch: bool = True):
         if kv_cache.quant_bits:
             raise ValueError("the compiled CPU decode needs a float KV cache (--quant-policy 0)")
         if model.config.tp_size != 1:
@@ -112,6 +113,7 @@ class CompiledCPUDecode:
         self.dynamic_rope = model.rotary.is_dynamic
         # False: a graph for each of `static_batch_sizes` instead (side-by-side benchmarks)
         self.dynamic_batch = dynamic_batch
+        self.max_batch_size = max_batch_size  # 1 (`litedeploy chat`): no batched graph to build
         self.static_batch_sizes: list[int] = []
         self.status, self.off_reason = "compiling", ""
         self.compile_seconds: float | None = None
@@ -161,7 +163,8 @@ class CompiledCPUDecode:
             for cache in (*scratch.k_caches, *scratch.v_caches):
                 cache.zero_()
                 torch._dynamo.mark_dynamic(cache, 0)  # the live cache's size follows free memory
-        batches = [1, *(self.static_batch_sizes if not self.dynamic_batch else [WARM_UP_BATCH])]
+        batched = [WARM_UP_BATCH] if self.max_batch_size > 1 else []
+        batches = [1, *(self.static_batch_sizes if not self.dynamic_batch else batched)]
         # no worker processes: on a small CPU the eager path keeps a core while this compiles
         with torch._inductor.config.patch(compile_threads=1), torch.inference_mode():
             for batch in batches:
@@ -179,6 +182,8 @@ class CompiledCPUDecode:
             return False
         if host.batch_size == 1:
             return True
+        if host.batch_size > self.max_batch_size:  # no graph for it (compiled for batch 1 only)
+            return False
         if not self.dynamic_batch and host.batch_size not in self.static_batch_sizes:
             return False
         columns = _table_columns(self.block_size, host.context_lens)

@@ -50,7 +50,8 @@ class ModelRunner:
         if self.cpu_compile_off_reason is None:
             from litedeploy.engine.cpu_compiled_decode import CompiledCPUDecode  # imports dynamo
 
-            self.graphs = CompiledCPUDecode(model, kv_cache, self.scale, self._run_eager).start()
+            self.graphs = CompiledCPUDecode(model, kv_cache, self.scale, self._run_eager,
+                                            max_batch_size).start()
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
