@@ -8,6 +8,7 @@ import torch
 
 from litedeploy import kernels
 from litedeploy.engine.kv_cache import KVCache
+from litedeploy.kernels import reference
 
 
 @dataclass
@@ -36,6 +37,8 @@ class PagedKVBackend:
         self.kv_cache = kv_cache
         self.inputs = inputs
         self.scale = scale
+        # CPU: the torch twin's host work (slot runs, buckets, block ids, masks), once per step
+        self._cpu_plans: tuple[reference.StorePlan, reference.AttentionPlan] | None = None
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         step, cache = self.inputs, self.kv_cache
@@ -44,6 +47,8 @@ class PagedKVBackend:
         # quantized caches: (k scales/zeros, v scales/zeros, bits) ride along; float: nothing
         quant = ((cache.k_scales_zeros[layer_idx], cache.v_scales_zeros[layer_idx],
                   cache.quant_bits) if cache.quant_bits else ())
+        if k_cache.device.type == "cpu":
+            return self._attend_cpu(q, k, v, k_cache, v_cache, quant)
         kernels.store_kv(k, v, k_cache, v_cache, step.slot_mapping, *quant)
         if step.prefill_cu_seqlens_q is not None:
             return self._attend_split(q, k_cache, v_cache, quant)
@@ -51,6 +56,17 @@ class PagedKVBackend:
             q, k_cache, v_cache, step.block_tables, step.context_lens, step.cu_seqlens_q,
             step.max_q_len, step.max_context_len, self.scale, *quant,
         )
+
+    def _attend_cpu(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, quant: tuple):
+        if self._cpu_plans is None:
+            step = self.inputs
+            self._cpu_plans = (reference.plan_store(step.slot_mapping), reference.plan_attention(
+                step.block_tables, step.context_lens, step.cu_seqlens_q, k_cache.shape[1]))
+        store_plan, attention_plan = self._cpu_plans
+        reference.store_kv_planned(k, v, k_cache, v_cache, store_plan, *quant)
+        return reference.paged_attention_planned(q, k_cache, v_cache, attention_plan,
+                                                 self.scale, *quant)
 
     def _attend_split(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       quant: tuple):

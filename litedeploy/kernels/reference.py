@@ -13,6 +13,7 @@ Conventions shared by all implementations (Triton ones must keep the same signat
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,18 +33,151 @@ def store_kv(
 ) -> None:
     """With quant_bits 4/8 the caches hold codes and `*_scales_zeros` [blocks, block_size,
     kv_heads, 2] the (scale, zero) of each slot and head (see kv_quant.py)."""
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
-        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
-    flat_k = k_cache.view(-1, *k_cache.shape[2:])  # [num_blocks * block_size, kv_heads, head_dim]
-    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    store_kv_planned(k, v, k_cache, v_cache, plan_store(slot_mapping), k_scales_zeros,
+                     v_scales_zeros, quant_bits)
+
+
+@dataclass(frozen=True)
+class StorePlan:
+    """Where a step's K/V rows go, worked out once per step (every layer stores alike):
+    `first_slot` when the rows fill consecutive slots (a decode row, a prefill chunk within a
+    block or over consecutive blocks): a plain slice copy; else `rows` (None: all) and `slots`
+    for an index copy."""
+
+    first_slot: int | None
+    rows: torch.Tensor | None
+    slots: torch.Tensor
+
+
+def plan_store(slot_mapping: torch.Tensor) -> StorePlan:
+    slots = slot_mapping.tolist()  # host ints: a CPU tensor (this is the CPU twin)
+    if slots and slots[0] >= 0 and slots[-1] - slots[0] == len(slots) - 1 and all(
+            b - a == 1 for a, b in itertools.pairwise(slots)):
+        return StorePlan(slots[0], None, slot_mapping)
+    if all(slot >= 0 for slot in slots):
+        return StorePlan(None, None, slot_mapping)
+    rows = [row for row, slot in enumerate(slots) if slot >= 0]  # padded rows write nothing
+    return StorePlan(None, torch.tensor(rows, dtype=torch.long, device=slot_mapping.device),
+                     slot_mapping[slot_mapping >= 0])
+
+
+def store_kv_planned(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    plan: StorePlan, k_scales_zeros: torch.Tensor | None = None,
+    v_scales_zeros: torch.Tensor | None = None, quant_bits: int = 0,
+) -> None:
+    if plan.rows is not None:
+        k, v = k.index_select(0, plan.rows), v.index_select(0, plan.rows)
     if quant_bits:
         k, k_sz = kv_quant.quantize(k, quant_bits)
         v, v_sz = kv_quant.quantize(v, quant_bits)
-        k_scales_zeros.view(-1, *k_scales_zeros.shape[2:]).index_copy_(0, slot_mapping, k_sz)
-        v_scales_zeros.view(-1, *v_scales_zeros.shape[2:]).index_copy_(0, slot_mapping, v_sz)
-    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
-    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+        _write_slots(k_scales_zeros, k_sz, plan)
+        _write_slots(v_scales_zeros, v_sz, plan)
+    _write_slots(k_cache, k, plan)
+    _write_slots(v_cache, v, plan)
+
+
+def _write_slots(cache: torch.Tensor, rows: torch.Tensor, plan: StorePlan) -> None:
+    flat = cache.view(-1, *cache.shape[2:])  # [num_blocks * block_size, ...]
+    if plan.first_slot is not None:
+        flat[plan.first_slot:plan.first_slot + rows.shape[0]].copy_(rows)  # casts as it copies
+    else:
+        flat.index_copy_(0, plan.slots, rows.to(flat.dtype))
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Where some rows' K/V blocks are: `tables` flat block ids ([rows * blocks] int64) for a
+    gather, or `first_block` when there is one row whose blocks are consecutive in the cache:
+    then they are read in place, as a view (a single chat's blocks usually are)."""
+
+    tables: torch.Tensor
+    num_rows: int
+    first_block: int | None
+
+
+@dataclass(frozen=True)
+class _DecodeGroup:
+    token_index: torch.Tensor | None  # the group's query tokens; None: every token, in order
+    blocks: _Blocks
+    context_len: int  # the group's longest context
+    beyond: torch.Tensor | None  # [rows, context_len] slots past a row's context; None: none
+
+
+@dataclass(frozen=True)
+class _PrefillChunk:
+    start: int
+    q_len: int
+    context_len: int
+    blocks: _Blocks
+    mask: torch.Tensor | None  # [q_len, context_len]; None: plain causal (no cached prefix)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """The host work of `paged_attention` (bucketing, block ids, masks), which every layer of a
+    step shares: built once per step, it leaves each layer only its tensor math."""
+
+    decode_groups: list[_DecodeGroup]
+    prefill_chunks: list[_PrefillChunk]
+
+
+def plan_attention(
+    block_tables: torch.Tensor, context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+    block_size: int,
+) -> AttentionPlan:
+    q_starts = cu_seqlens_q.tolist()  # host lists: a few ints per sequence, once per step
+    context_list = context_lens.tolist()
+    q_lens = [end - start for start, end in itertools.pairwise(q_starts)]
+    decode_rows = [row for row, q_len in enumerate(q_lens) if q_len == 1]
+    buckets = _length_buckets(decode_rows, context_list, block_size)
+    device = block_tables.device
+    if len(buckets) == 1 and len(decode_rows) == len(q_lens):  # a plain decode step
+        rows = list(range(len(q_lens)))
+        return AttentionPlan([_decode_group(None, rows, block_tables, context_list,
+                                            block_size)], [])
+    groups = [_decode_group(torch.tensor([q_starts[row] for row in rows], device=device), rows,
+                            block_tables, context_list, block_size) for rows in buckets]
+    chunks = [_prefill_chunk(q_starts[row], q_len, context_list[row], block_tables[row],
+                             block_size)
+              for row, q_len in enumerate(q_lens) if q_len > 1]
+    return AttentionPlan(groups, chunks)
+
+
+def _blocks(block_tables: torch.Tensor, num_blocks: int) -> _Blocks:
+    """block_tables [rows, max_blocks] -> the first num_blocks of each row."""
+    tables = block_tables[:, :num_blocks].reshape(-1).long()
+    first_block = None
+    if block_tables.shape[0] == 1:
+        ids = tables.tolist()
+        if ids[-1] - ids[0] == len(ids) - 1 and all(b - a == 1 for a, b in itertools.pairwise(ids)):
+            first_block = ids[0]
+    return _Blocks(tables, block_tables.shape[0], first_block)
+
+
+def _decode_group(token_index: torch.Tensor | None, rows: list[int], block_tables: torch.Tensor,
+                  context_list: list[int], block_size: int) -> _DecodeGroup:
+    lens = [context_list[row] for row in rows]
+    context_len = max(lens)
+    if token_index is not None:
+        block_tables = block_tables[torch.tensor(rows, device=block_tables.device)]
+    blocks = _blocks(block_tables, -(-context_len // block_size))
+    beyond = None
+    if min(lens) < context_len:  # some rows are padded to the longest: mask their tail
+        row_lens = torch.tensor(lens, device=block_tables.device)
+        beyond = torch.arange(context_len, device=block_tables.device)[None, :] >= row_lens[:, None]
+    return _DecodeGroup(token_index, blocks, context_len, beyond)
+
+
+def _prefill_chunk(start: int, q_len: int, context_len: int, block_table: torch.Tensor,
+                   block_size: int) -> _PrefillChunk:
+    blocks = _blocks(block_table[None], -(-context_len // block_size))
+    mask = None
+    if q_len != context_len:  # query i sits at position context_len - q_len + i, sees keys <= it
+        key_idx = torch.arange(context_len, device=block_table.device)
+        query_pos = torch.arange(context_len - q_len, context_len, device=block_table.device)
+        mask = key_idx[None, :] <= query_pos[:, None]
+    return _PrefillChunk(start, q_len, context_len, blocks, mask)
 
 
 def paged_attention(
@@ -68,28 +202,27 @@ def paged_attention(
     context made one long prompt beside many decoding streams cost them all its length squared.
     With quant_bits 4/8 the gathered blocks are dequantized first.
     """
+    plan = plan_attention(block_tables, context_lens, cu_seqlens_q, k_cache.shape[1])
+    return paged_attention_planned(q, k_cache, v_cache, plan, scale, k_scales_zeros,
+                                   v_scales_zeros, quant_bits)
+
+
+def paged_attention_planned(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
+    scale: float, k_scales_zeros: torch.Tensor | None = None,
+    v_scales_zeros: torch.Tensor | None = None, quant_bits: int = 0,
+) -> torch.Tensor:
+    """`paged_attention` with its host work done (`plan_attention`, once per step)."""
     quant = (k_scales_zeros, v_scales_zeros, quant_bits)
-    q_starts = cu_seqlens_q.tolist()  # host lists: a few ints per sequence, once per layer
-    context_list = context_lens.tolist()
-    q_lens = [end - start for start, end in itertools.pairwise(q_starts)]
-    decode_rows = [row for row, q_len in enumerate(q_lens) if q_len == 1]
-    buckets = _length_buckets(decode_rows, context_list, k_cache.shape[1])
-    if len(buckets) == 1 and len(decode_rows) == len(q_lens):  # a plain decode step
-        return _decode_rows(q, k_cache, v_cache, block_tables, context_lens, max_context_len,
-                            scale, quant)
+    if not plan.prefill_chunks and plan.decode_groups[0].token_index is None:
+        return _decode_rows(q, k_cache, v_cache, plan.decode_groups[0], scale, quant)
     out = torch.empty_like(q)
-    for rows in buckets:
-        index = torch.tensor(rows, device=q.device)
-        token_index = torch.tensor([q_starts[row] for row in rows], device=q.device)
-        out[token_index] = _decode_rows(
-            q[token_index], k_cache, v_cache, block_tables[index], context_lens[index],
-            max(context_list[row] for row in rows), scale, quant)
-    for row, q_len in enumerate(q_lens):
-        if q_len > 1:
-            start = q_starts[row]
-            out[start:start + q_len] = _prefill_row(
-                q[start:start + q_len], k_cache, v_cache, block_tables[row],
-                context_list[row], scale, quant)
+    for group in plan.decode_groups:
+        out[group.token_index] = _decode_rows(q[group.token_index], k_cache, v_cache, group,
+                                              scale, quant)
+    for chunk in plan.prefill_chunks:
+        out[chunk.start:chunk.start + chunk.q_len] = _prefill_rows(
+            q[chunk.start:chunk.start + chunk.q_len], k_cache, v_cache, chunk, scale, quant)
     return out
 
 
@@ -104,61 +237,60 @@ def _length_buckets(rows: list[int], context_lens: list[int], block_size: int) -
     return list(buckets.values())
 
 
-def _gather_blocks(
-    cache: torch.Tensor, scales_zeros: torch.Tensor | None, tables: torch.Tensor, rows: int,
-    quant_bits: int, dtype: torch.dtype,
+def _read_blocks(
+    cache: torch.Tensor, scales_zeros: torch.Tensor | None, blocks: _Blocks, quant_bits: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The blocks named in `tables` (flat, `rows` sequences' worth) -> [rows, L, KVH, head_dim]."""
+    """The blocks' slots, [rows, L, KVH, head_dim]: a view of the cache when they are
+    consecutive (never write to it), else a gathered copy."""
+    if blocks.first_block is not None:
+        first, count = blocks.first_block, blocks.tables.shape[0]
+        read = cache[first:first + count].view(1, -1, *cache.shape[2:])
+        if quant_bits:
+            sz = scales_zeros[first:first + count].view(*read.shape[:3], 2)
+            read = kv_quant.dequantize(read, sz, quant_bits, dtype)
+        return read
     # index_select: no parallel region for small gathers, which matters on a busy 2-core CPU
-    gathered = cache.index_select(0, tables).view(rows, -1, *cache.shape[2:])
+    gathered = cache.index_select(0, blocks.tables).view(blocks.num_rows, -1, *cache.shape[2:])
     if quant_bits:
-        gathered = _gather_dequantize(gathered, scales_zeros, tables, quant_bits, dtype)
+        gathered = _gather_dequantize(gathered, scales_zeros, blocks.tables, quant_bits, dtype)
     return gathered
 
 
 def _decode_rows(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, max_context_len: int, scale: float, quant: tuple,
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: _DecodeGroup,
+    scale: float, quant: tuple,
 ) -> torch.Tensor:
     """One query per row over its sequence's blocks, padded to the rows' longest context."""
     k_scales_zeros, v_scales_zeros, quant_bits = quant
-    batch, block_size = block_tables.shape[0], k_cache.shape[1]
-    num_blocks_needed = (max_context_len + block_size - 1) // block_size
-    tables = block_tables[:, :num_blocks_needed].reshape(-1).long()
-    keys = _gather_blocks(k_cache, k_scales_zeros, tables, batch, quant_bits, q.dtype)
-    values = _gather_blocks(v_cache, v_scales_zeros, tables, batch, quant_bits, q.dtype)
-    keys, values = keys[:, :max_context_len].to(q.dtype), values[:, :max_context_len].to(q.dtype)
-    # slots past a sequence's context hold whatever the cache had (possibly NaN bits): their
-    # scores are masked to -inf, and their values zeroed (in place: the gather is a fresh copy),
-    # as the GPU kernels do by never loading them, so 0 * garbage cannot turn into NaN
-    beyond = torch.arange(max_context_len, device=q.device)[None, :] >= context_lens[:, None]
-    values.masked_fill_(beyond[:, :, None, None], 0)
-    return _decode_attention(q, keys, values, beyond, scale)
+    length = group.context_len
+    keys = _read_blocks(k_cache, k_scales_zeros, group.blocks, quant_bits, q.dtype)
+    values = _read_blocks(v_cache, v_scales_zeros, group.blocks, quant_bits, q.dtype)
+    keys, values = keys[:, :length].to(q.dtype), values[:, :length].to(q.dtype)
+    if group.beyond is not None:
+        # slots past a row's context hold whatever the cache had (possibly NaN bits): their
+        # scores are masked to -inf, and their values zeroed (in place: padded groups have
+        # several rows, so this is a gathered copy), as the GPU kernels do by never loading
+        # them, so 0 * garbage cannot turn into NaN
+        values.masked_fill_(group.beyond[:, :, None, None], 0)
+    return _decode_attention(q, keys, values, group.beyond, scale)
 
 
-def _prefill_row(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    context_len: int, scale: float, quant: tuple,
+def _prefill_rows(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunk: _PrefillChunk,
+    scale: float, quant: tuple,
 ) -> torch.Tensor:
     """A chunk of q_len queries, the last q_len positions of a context of `context_len` keys
     (its cached prefix, then itself), causally: q [q_len, H, D] -> [q_len, H, D]."""
     k_scales_zeros, v_scales_zeros, quant_bits = quant
-    q_len, num_heads = q.shape[:2]
-    block_size = k_cache.shape[1]
-    tables = block_table[:(context_len + block_size - 1) // block_size].long()
-    keys = _gather_blocks(k_cache, k_scales_zeros, tables, 1, quant_bits, q.dtype)
-    values = _gather_blocks(v_cache, v_scales_zeros, tables, 1, quant_bits, q.dtype)
-    keys = keys[:, :context_len].to(q.dtype).transpose(1, 2)  # [1, KVH, L, D]
-    values = values[:, :context_len].to(q.dtype).transpose(1, 2)
-    if q_len == context_len:  # no cached prefix: plain causal
-        mask, is_causal = None, True
-    else:  # query i sits at position context_len - q_len + i and sees every key up to it
-        key_idx = torch.arange(context_len, device=q.device)
-        query_pos = torch.arange(context_len - q_len, context_len, device=q.device)
-        mask, is_causal = key_idx[None, :] <= query_pos[:, None], False
+    num_heads, length = q.shape[1], chunk.context_len
+    keys = _read_blocks(k_cache, k_scales_zeros, chunk.blocks, quant_bits, q.dtype)
+    values = _read_blocks(v_cache, v_scales_zeros, chunk.blocks, quant_bits, q.dtype)
+    keys = keys[:, :length].to(q.dtype).transpose(1, 2)  # [1, KVH, L, D]
+    values = values[:, :length].to(q.dtype).transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], keys, values, attn_mask=mask, is_causal=is_causal, scale=scale,
-        enable_gqa=num_heads != keys.shape[1],
+        q.transpose(0, 1)[None], keys, values, attn_mask=chunk.mask,
+        is_causal=chunk.mask is None, scale=scale, enable_gqa=num_heads != keys.shape[1],
     )  # [1, H, q_len, D]
     return out[0].transpose(0, 1)
 
@@ -174,7 +306,8 @@ def _gather_dequantize(
 
 
 def _decode_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beyond: torch.Tensor, scale: float
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, beyond: torch.Tensor | None,
+    scale: float,
 ) -> torch.Tensor:
     """One query per sequence, as plain batched matmuls (GQA by grouping query heads per KV
     head): q [B, H, D], keys/values [B, L, KVH, D], beyond [B, L] -> [B, H, D]."""
@@ -182,7 +315,9 @@ def _decode_attention(
     num_kv_heads = keys.shape[2]
     grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.matmul(grouped_q, keys.permute(0, 2, 3, 1)) * scale  # [B, KVH, G, L]
-    scores = scores.float().masked_fill(beyond[:, None, None, :], float("-inf"))
+    scores = scores.float()
+    if beyond is not None:
+        scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).to(values.dtype)
     out = torch.matmul(probs, values.transpose(1, 2))  # [B, KVH, G, D]
     return out.reshape(batch, num_heads, head_dim)
@@ -209,16 +344,17 @@ def rms_norm(
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NeoX-style ("rotate_half") rotary embedding. q [T, H, D], k [T, KVH, D], cos/sin [T, D/2]."""
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
+    """NeoX-style ("rotate_half") rotary embedding. q [T, H, D], k [T, KVH, D], cos/sin [T, D/2].
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half].float(), x[..., half:].float()
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-    return rotate(q), rotate(k)
+    One pass over q and k heads together, each head seen as its two halves [T, heads, 2, D/2]:
+    out = x * cos + swap_halves(x) * (-sin, sin), the same float32 products and sums (so the
+    same bits) as x1 * cos - x2 * sin | x2 * cos + x1 * sin, in ~10 ops instead of ~22."""
+    num_tokens, num_heads, head_dim = q.shape
+    heads = torch.cat((q, k), dim=1).float().view(num_tokens, -1, 2, head_dim // 2)
+    signed_sin = torch.stack((-sin, sin), dim=1)[:, None]  # [T, 1, 2, D/2]
+    rotated = heads * cos[:, None, None] + heads.flip(2) * signed_sin
+    rotated = rotated.to(q.dtype).view(num_tokens, -1, head_dim)
+    return rotated[:, :num_heads], rotated[:, num_heads:]
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
