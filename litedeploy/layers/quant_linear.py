@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from litedeploy.layers import int4pack_cpu
+
 _CPU_INT4_GROUPS = (32, 64, 128, 256)
 # PyTorch's CPU weight-only kernels (bfloat16 activations); None where this build lacks them
 _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
@@ -204,6 +206,7 @@ class Int4Linear(nn.Module):
         self.bias = _frozen((out_features,)) if bias else None
         self.mode = "dequant"
         self.kernel_tensors: tuple[torch.Tensor, ...] = ()
+        self.cpu_many_rows = False  # CPU: many-row inputs take a dequantized bf16 GEMM
         self.gemv_tensors: tuple[torch.Tensor, ...] = ()
 
     def dequantized(self) -> torch.Tensor:
@@ -215,6 +218,7 @@ class Int4Linear(nn.Module):
         if device.type == "cpu" and self._cpu_int4_ok():
             self.kernel_tensors = self._cpu_int4pack()
             self.mode = "cpu"
+            self.cpu_many_rows = int4pack_cpu.many_rows_ok(self.out_features)
         elif device.type == "cuda" and _triton_available():
             self.kernel_tensors = awq_layout(self.qweight, self.scales, self.zeros)
             # batch-1 decode streams the row form in one GEMV launch (int4_gemv)
@@ -261,7 +265,12 @@ class Int4Linear(nn.Module):
     def _cpu_forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         # as few ops as possible: at batch 1 the kernel itself takes ~15-50 us, each extra op ~1-2
         packed, scale_and_zero = self.kernel_tensors
-        out = _INT4_MM(x.to(torch.bfloat16), packed, self.group_size, scale_and_zero)
+        if self.cpu_many_rows and x.shape[0] >= int4pack_cpu.DEQUANT_MIN_ROWS:  # a prefill
+            weight = int4pack_cpu.dequantize_int4pack(packed, scale_and_zero, self.group_size,
+                                                      self.in_features)
+            out = x.to(torch.bfloat16) @ weight
+        else:
+            out = _INT4_MM(x.to(torch.bfloat16), packed, self.group_size, scale_and_zero)
         if x.dtype != torch.bfloat16:
             out = out.to(x.dtype)
         return out if self.bias is None else out.add_(self.bias.to(out.dtype))
