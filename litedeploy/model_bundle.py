@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from litedeploy.config import EngineConfig, ModelConfig
+from litedeploy.layers.linear import column_major_float_weights
 from litedeploy.loader.model_loader import ModelSource, load_model, open_source, resolve_device
 from litedeploy.models.decoder import DecoderForCausalLM
 from litedeploy.tokenizer import HF_TOKENIZER_FILES, Tokenizer
@@ -60,6 +61,8 @@ def load_bundle(model_path: str | None, config: EngineConfig) -> ModelBundle:
     before = torch.cuda.memory_allocated(device) if on_cuda else 0
     model, model_config = load_model(source, config.dtype, config.device, config.load_format,
                                      config.model_format, config.max_gpu_memory)
+    if config.max_batch_size == 1:  # one row per step: the float32 GEMV's faster weight layout
+        column_major_float_weights(model)
     weights_allocated = torch.cuda.memory_allocated(device) - before if on_cuda else None
     tokenizer = None
     if config.load_format != "dummy" or _has_tokenizer(source):
