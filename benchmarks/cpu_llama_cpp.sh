@@ -4,7 +4,8 @@
 #     weights kept, decode step compiled) and llama.cpp on the same file and prompt, one process
 #     after the other (llama-cpp-python, a benchmark-only install: pip install llama-cpp-python);
 #   - ours with --eager-mode (what the default was before the compiled step);
-#   - float32 (--model-format hf --dtype float32) against transformers float32 on the same weights;
+#   - float32 (--model-format hf --dtype float32, --max-batch-size 1 as `litedeploy chat` runs it:
+#     weights stored transposed) against transformers float32 on the same weights;
 #   - serving: an api_server with no flags, `bench serving` with 32 concurrent clients, output tok/s
 #     against our batch-1 decode;
 #   - time to the first token of `litedeploy chat` from start-up (load + prefill + one token).
@@ -21,12 +22,14 @@ THREADS=${THREADS:-2}
 PORT=${PORT:-23391}
 export OMP_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
-TMP=$(mktemp -d)
+# BENCH_TMP=dir SKIP_ROUNDS=1: redo the serving part and the summary over rounds already in dir
+TMP=${BENCH_TMP:-$(mktemp -d)}
 # the raw results stay in $TMP if the summary fails (it is removed at the end otherwise)
 trap '[ -n "${SERVER:-}" ] && kill "$SERVER" 2>/dev/null || true' EXIT
 common=(--batch-size 1 --num-iters 3 --cache-max-tokens 32768)
 
 for round in $(seq 1 "$ROUNDS"); do
+    [ -n "${SKIP_ROUNDS:-}" ] && break
     cut -d' ' -f1-3 /proc/loadavg > "$TMP/load-$round.txt"
     for len in 128 512; do  # ours (default path) and llama.cpp, one after the other
         $LD bench latency "${common[@]}" --input-len "$len" --output-len 128 --compare-llama-cpp \
@@ -34,7 +37,7 @@ for round in $(seq 1 "$ROUNDS"); do
     done
     $LD bench latency "${common[@]}" --input-len 128 --output-len 128 --eager-mode \
         --output-json "$TMP/eager-$round.json" > /dev/null
-    $LD bench latency "${common[@]}" --input-len 128 --output-len 64 --model-format hf \
+    $LD bench latency "${common[@]}" --input-len 128 --output-len 64 --model-format hf --max-batch-size 1 \
         --dtype float32 --compare-hf --output-json "$TMP/fp32-$round.json" > /dev/null
     # start-up to the first token of the terminal chat (the compile runs in the background)
     start=$(date +%s.%N)
@@ -48,7 +51,7 @@ SERVER=$!
 for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.5; done
 sleep 60  # let the background compile finish: the steady state is what is measured
 $LD bench serving --url "http://127.0.0.1:$PORT" --num-prompts 96 --max-concurrency 32 \
-    --max-tokens 128 --input-len 128 --output-json "$TMP/serving-32.json" > /dev/null
+    --max-tokens 128 --input-len 128 --endpoint completions --vocab-size 49152 --output-json "$TMP/serving-32.json" > /dev/null
 kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=
 
 $PY - "$TMP" "$OUT" "$ROUNDS" <<'PY'

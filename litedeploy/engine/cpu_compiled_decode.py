@@ -39,6 +39,10 @@ MIN_TABLE_COLUMNS = 2  # a dynamic dimension of size 1 would be specialized into
 # the warm-up's dynamic sizes must differ from each other: the tracer gives equal sizes one
 # symbol ("duck sizing"), and its graphs would then only take steps where they are equal
 WARM_UP_CACHE_BLOCKS, WARM_UP_COLUMNS, WARM_UP_BATCH = 5, 3, 2
+# The compile starts once the engine has run no step for this long. Tracing and code generation
+# hold the GIL most of the time, and every op of an eager step waits for it: a reply that runs
+# beside the compile took 20 s to its first token instead of 8 (`litedeploy chat` fed at start).
+QUIET_BEFORE_COMPILE_S = 2.0
 
 
 class _WholeBlocksBackend:
@@ -119,6 +123,7 @@ class CompiledCPUDecode:
         self.compile_seconds: float | None = None
         self.done = threading.Event()  # set when status leaves "compiling"
         self.num_runs = 0
+        self.last_step_at = time.monotonic()  # can_run() sees every step of the runner
         self.sizes: list[int] = []  # no CUDA-graph ladder: one graph for batch 1, one for 2+
         self._step = torch.compile(_decode_step, fullgraph=True)
 
@@ -128,8 +133,14 @@ class CompiledCPUDecode:
         if not background:
             self._compile()
             return self
-        threading.Thread(target=self._compile, name="litedeploy-cpu-compile", daemon=True).start()
+        threading.Thread(target=self._compile_when_quiet, name="litedeploy-cpu-compile",
+                         daemon=True).start()
         return self
+
+    def _compile_when_quiet(self) -> None:
+        while time.monotonic() - self.last_step_at < QUIET_BEFORE_COMPILE_S:
+            time.sleep(0.1)
+        self._compile()
 
     def wait(self, timeout: float | None = None) -> str:
         """Block until the compile has finished or failed; returns the status."""
@@ -178,6 +189,7 @@ class CompiledCPUDecode:
     def can_run(self, host: HostStepInputs, num_steps: int = 1) -> bool:
         """Plain decode steps (every row one token, every row samples), once compiled; not when
         padding every row to the longest context would more than double the blocks read."""
+        self.last_step_at = time.monotonic()
         if self.status != "on" or num_steps != 1 or not host.is_uniform_decode:
             return False
         if host.batch_size == 1:
