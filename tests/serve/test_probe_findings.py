@@ -168,7 +168,7 @@ def test_debug_state_answers_during_a_long_prefill(server, model):
 
     def prefill() -> None:
         start = time.monotonic()
-        reply = httpx.post(server.url + "/v1/completions", headers=AUTH, timeout=120, json={
+        reply = httpx.post(server.url + "/v1/completions", headers=AUTH, timeout=600, json={
             "model": model, "prompt": long_prompt(400), "max_tokens": 1})
         replies["elapsed_s"] = time.monotonic() - start
         replies["status"] = reply.status_code
