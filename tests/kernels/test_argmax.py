@@ -6,19 +6,12 @@ interpreter.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests.helpers.triton_device import triton_test_device
 
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    pytest.skip("Triton kernels need CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+DEVICE = triton_test_device()
 
 from litedeploy.kernels import triton_argmax
 

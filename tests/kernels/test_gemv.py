@@ -8,27 +8,17 @@ for float16, < 1e-2 for bfloat16.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests.helpers.triton_device import bf16_param, triton_test_device
 
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    pytest.skip("Triton kernels need CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+DEVICE = triton_test_device()
 
 from litedeploy import kernels
 from litedeploy.kernels import triton_gemv
 
-_BF16 = pytest.param(
-    torch.bfloat16,
-    marks=pytest.mark.skipif(DEVICE == "cpu", reason="bf16 is wrong in Triton's interpreter"),
-)
+_BF16 = bf16_param(DEVICE)
 MAX_REL_ERR = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 

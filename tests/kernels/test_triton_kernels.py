@@ -11,19 +11,12 @@ checked elementwise at one unit in the last place of the dtype; store_kv and the
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests.helpers.triton_device import bf16_param, triton_test_device
 
-if torch.cuda.is_available():
-    DEVICE = "cuda"
-elif os.environ.get("TRITON_INTERPRET") == "1":
-    DEVICE = "cpu"
-else:
-    pytest.skip("Triton kernels need CUDA (or TRITON_INTERPRET=1)", allow_module_level=True)
+DEVICE = triton_test_device()
 
 from litedeploy.kernels import reference
 from litedeploy.kernels import triton_activation as tri_act
@@ -31,11 +24,7 @@ from litedeploy.kernels import triton_attention as tri_attn
 from litedeploy.kernels import triton_norm_rope as tri_norm_rope
 from litedeploy.kernels import triton_store_kv as tri_store
 
-# Triton's CPU interpreter truncates float32 -> bfloat16 and gets bf16 dots wrong: GPU only
-_BF16 = pytest.param(
-    torch.bfloat16,
-    marks=pytest.mark.skipif(DEVICE == "cpu", reason="bf16 is wrong in Triton's interpreter"),
-)
+_BF16 = bf16_param(DEVICE)
 DTYPES = [_BF16, torch.float16]
 MAX_REL_ERR = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # (head_dim, block_size) pairs; every GQA ratio runs with each
