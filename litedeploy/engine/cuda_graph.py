@@ -117,6 +117,8 @@ class DecodeGraphs:
         self.advance_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.next_tokens: dict[int, torch.Tensor] = {}
         self.num_replays = 0
+        self._burst_host: torch.Tensor | None = None  # run_burst's pinned token rows
+        self._burst_events: list[torch.cuda.Event] = []
         self._reset_padding()
 
     def static_inputs(self, size: int) -> StepInputs:
@@ -194,16 +196,47 @@ class DecodeGraphs:
         self.num_replays += 1
         return self.logits[size][: host.batch_size]
 
-    def run_burst(self, host: HostStepInputs, num_steps: int) -> list[list[int]]:
+    def run_burst(self, host: HostStepInputs, num_steps: int) -> BurstTokens:
         """Greedy multi-step decoding (multi_step.py): forward graph, then the advance graph
         that writes the argmax and the next step's inputs into the static buffers, num_steps
-        times; token ids [num_steps][batch] with one host sync."""
+        times, all enqueued at once. Each step's token ids are copied to pinned host memory as
+        the step ends; the returned BurstTokens yields them step by step."""
         size = self.load(host)
         forward, advance = self.graphs[size], self.advance_graphs[size]
-        tokens = torch.empty((num_steps, size), dtype=torch.int64, device=self.device)
+        rows = self._burst_rows(num_steps)
         for step in range(num_steps):
             forward.replay()
             advance.replay()
-            tokens[step].copy_(self.next_tokens[size])
+            rows[step, :size].copy_(self.next_tokens[size], non_blocking=True)
+            self._burst_events[step].record()
         self.num_replays += num_steps
-        return tokens[:, : host.batch_size].tolist()
+        return BurstTokens(rows[:num_steps], self._burst_events[:num_steps], host.batch_size)
+
+    def _burst_rows(self, num_steps: int) -> torch.Tensor:
+        """Pinned [>= num_steps, max_batch] int64 host rows and one event per step, reused: the
+        engine has read the last burst's rows before it loads the next one."""
+        if self._burst_host is None or self._burst_host.shape[0] < num_steps:
+            self._burst_host = torch.zeros((num_steps, self.layout.max_batch), dtype=torch.int64,
+                                           pin_memory=True)
+            self._burst_events = [torch.cuda.Event() for _ in range(num_steps)]
+        return self._burst_host
+
+
+class BurstTokens:
+    """A burst's token ids, one list per step, each available once its step ran on the device:
+    iterating waits for one step at a time, so the engine's bookkeeping of step k overlaps the
+    device's steps k+1.. instead of waiting for the whole burst."""
+
+    def __init__(self, rows: torch.Tensor, events: list[torch.cuda.Event], batch_size: int):
+        self.rows, self.events, self.batch_size = rows, events, batch_size
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self):
+        for row, event in zip(self.rows, self.events):
+            event.synchronize()
+            yield row[: self.batch_size].tolist()
+
+    def tolist(self) -> list[list[int]]:
+        return list(self)

@@ -205,7 +205,8 @@ class LLMEngine:
         # admissions wait for a burst to end: burst only while none is due, and not past it
         if self.scheduler.admission_due():
             return 1
-        if self.scheduler.num_waiting:
+        # (a full batch admits nobody before a sequence finishes: the burst needs no cap then)
+        if self.scheduler.num_waiting and not self.scheduler.is_full:
             steps = min(steps, self.scheduler.steps_until_admission() + 1)
         num_missing_blocks = 0
         for item in batch.scheduled:
@@ -227,8 +228,11 @@ class LLMEngine:
         seqs = [item.seq for item in batch.scheduled]
         for seq in seqs:  # blocks for every step up front: the device fills their slots alone
             self.block_manager.allocate(seq, num_steps)
+        # CUDA graphs: every step is enqueued at once and its tokens come back step by step, so
+        # the bookkeeping below overlaps the device's later steps (TP ranks: run_burst, synced)
+        start_burst = getattr(self.runner, "start_burst", self.runner.run_burst)
         try:
-            token_rows = self.runner.run_burst(
+            token_rows = start_burst(
                 build_host_inputs(batch, self.block_manager.block_size), num_steps)
         except Exception as exc:
             logger.exception("engine step failed")

@@ -16,8 +16,17 @@ import torch
 from litedeploy.engine.forward_context import StepInputs
 from litedeploy.engine.scheduler import SchedulerOutput
 
-# CUDA: send the decode rows of a mixed batch to the decode kernel (see PagedKVBackend)
-SPLIT_MIXED_BATCHES = False  # H100: 12.0k vs 13.4k out tok/s with it off (one call)
+# CUDA: send the decode rows of a mixed batch to the decode kernel (see PagedKVBackend). H200,
+# offline 1000 x 512/256 at batch 256: a mixed step of ~8k prompt tokens + ~225 decode rows took
+# 48 ms instead of 54, one of ~300 prompt tokens + ~240 decode rows 14 ms instead of 18 (the
+# prefill kernel gives each decode row a 64-query tile per head). H100, one call: 12.0k vs 13.4k
+# out tok/s with it off, within that benchmark's run-to-run spread.
+SPLIT_MIXED_BATCHES = True
+# CUDA: block tables padded to a multiple of this many columns, and every part of the uploaded
+# buffers starting 16-byte aligned. Triton specializes integer arguments (the table's row stride)
+# and pointers on divisibility by 16, so without this a step whose widest table or token count
+# changed parity compiled the attention / K/V store kernels again mid-run (~0.6 s each on H200).
+TABLE_COLUMN_MULTIPLE = 16
 
 
 @dataclass
@@ -99,6 +108,19 @@ def padded_tables(tables: list[list[int]], num_columns: int) -> np.ndarray:
     return out
 
 
+def _aligned_concat(parts: list[np.ndarray], align: int) -> tuple[np.ndarray, list[int]]:
+    """One flat array holding the parts, each starting at a multiple of `align` elements; also
+    the start offsets."""
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append(total)
+        total += -(-len(part) // align) * align
+    out = np.zeros(total, dtype=parts[0].dtype)
+    for offset, part in zip(offsets, parts):
+        out[offset: offset + len(part)] = part
+    return out, offsets
+
+
 def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.from_numpy(array)
     if device.type == "cuda":
@@ -110,38 +132,49 @@ def to_device(host: HostStepInputs, device: torch.device) -> StepInputs:
     """Two host->device copies (one int64, one int32 buffer); the tensors are views of them."""
     num_tokens, batch = len(host.input_ids), host.batch_size
     num_logits = len(host.logits_indices)
-    wide = _upload(np.concatenate([
+    on_cuda = device.type == "cuda"
+    wide_align, narrow_align = (2, 4) if on_cuda else (1, 1)  # 16 bytes of int64 / int32
+    wide, wide_at = _aligned_concat([
         host.input_ids, host.positions, host.rope_lens, host.slot_mapping,
         np.asarray(host.logits_indices, dtype=np.int64),
-    ]), device)
+    ], wide_align)
+    wide = _upload(wide, device)
     num_columns = max(len(t) for t in host.block_tables)
-    use_split = SPLIT_MIXED_BATCHES and device.type == "cuda"
+    if on_cuda:
+        num_columns = -(-num_columns // TABLE_COLUMN_MULTIPLE) * TABLE_COLUMN_MULTIPLE
+    use_split = SPLIT_MIXED_BATCHES and on_cuda
     num_decode = host.num_leading_decode_rows if use_split else 0
     split = 0 < num_decode < batch and host.max_q_len > 1
     prefill_cu = np.asarray(host.cu_seqlens_q[num_decode:], dtype=np.int32) - num_decode
     num_prefill_cu = len(prefill_cu) if split else 0
-    narrow = _upload(np.concatenate([
+    narrow, narrow_at = _aligned_concat([
+        padded_tables(host.block_tables, num_columns).reshape(-1),
         np.asarray(host.context_lens, dtype=np.int32),
         np.asarray(host.cu_seqlens_q, dtype=np.int32),
-        padded_tables(host.block_tables, num_columns).reshape(-1),
         prefill_cu[:num_prefill_cu],
-    ]), device)
-    wide_parts = wide.split([num_tokens] * 4 + [num_logits])
-    narrow_parts = narrow.split([batch, batch + 1, batch * num_columns, num_prefill_cu])
+    ], narrow_align)
+    narrow = _upload(narrow, device)
+
+    def wide_part(index: int, length: int) -> torch.Tensor:
+        return wide[wide_at[index]: wide_at[index] + length]
+
+    def narrow_part(index: int, length: int) -> torch.Tensor:
+        return narrow[narrow_at[index]: narrow_at[index] + length]
+
     inputs = StepInputs(
-        input_ids=wide_parts[0],
-        positions=wide_parts[1],
-        rope_lens=wide_parts[2],
-        slot_mapping=wide_parts[3],
-        logits_indices=wide_parts[4],
-        context_lens=narrow_parts[0],
-        cu_seqlens_q=narrow_parts[1],
-        block_tables=narrow_parts[2].view(batch, num_columns),
+        input_ids=wide_part(0, num_tokens),
+        positions=wide_part(1, num_tokens),
+        rope_lens=wide_part(2, num_tokens),
+        slot_mapping=wide_part(3, num_tokens),
+        logits_indices=wide_part(4, num_logits),
+        block_tables=narrow_part(0, batch * num_columns).view(batch, num_columns),
+        context_lens=narrow_part(1, batch),
+        cu_seqlens_q=narrow_part(2, batch + 1),
         max_q_len=host.max_q_len,
         max_context_len=host.max_context_len,
     )
     if split:
         inputs.num_decode_rows = num_decode
         inputs.decode_max_context_len = max(host.context_lens[:num_decode])
-        inputs.prefill_cu_seqlens_q = narrow_parts[3]
+        inputs.prefill_cu_seqlens_q = narrow_part(3, num_prefill_cu)
     return inputs

@@ -9,6 +9,7 @@ host sync of a step is the sampler's `.tolist()`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,6 +74,13 @@ class ModelRunner:
     def run_burst(self, host: HostStepInputs, num_steps: int) -> list[list[int]]:
         """`num_steps` greedy decode steps from one uniform decode batch, one host sync in all:
         token ids [num_steps][batch]. The block tables must already cover every step."""
+        return list(self.start_burst(host, num_steps))
+
+    @torch.inference_mode()
+    def start_burst(self, host: HostStepInputs, num_steps: int) -> Iterable[list[int]]:
+        """run_burst without waiting: the token ids of each step, yielded once that step has run
+        (CUDA graphs); every step has been enqueued when this returns. Read them all before the
+        next step of the engine."""
         if self.graphs is not None and self.graphs.can_run(host, num_steps):
             return self.graphs.run_burst(host, num_steps)
         inputs = to_device(host, self.device)

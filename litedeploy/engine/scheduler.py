@@ -65,6 +65,9 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.prefill_interval = prefill_interval
         self._steps_since_admission = 0  # decode steps run while someone waited
+        # an admission chunks only its first prompt; later ones enter whole or wait (a chunk's
+        # rest would make the next step a small eager mixed step instead of a graphed decode)
+        self.whole_prompts_after_first = True
         self.waiting: deque[Sequence] = deque()  # FCFS; preempted sequences go to the front
         self.running: list[Sequence] = []  # sorted by arrival_index
         self._unfinished: dict[int, Sequence] = {}  # seq_id -> seq, waiting or running
@@ -77,6 +80,10 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def is_full(self) -> bool:
+        return len(self.running) >= self.max_batch_size
 
     def has_unfinished(self) -> bool:
         return bool(self._unfinished)
@@ -182,11 +189,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        num_admitted = 0
         while self.waiting and budget > 0 and len(output.scheduled) < self.max_batch_size:
             seq = self.waiting[0]
             self.block_manager.match_prefix(seq)
             # match_prefix leaves at least the last token to compute
-            num_new_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_remaining = seq.num_tokens - seq.num_computed_tokens
+            if (num_remaining > budget and self.whole_prompts_after_first
+                    and num_admitted > 0):
+                self.block_manager.free(seq)  # give back the prefix hits; whole next time
+                break
+            num_new_tokens = min(num_remaining, budget)
             if not self.block_manager.can_allocate(seq, num_new_tokens):
                 self.block_manager.free(seq)  # give back the prefix hits; retry next step
                 break  # FCFS: no skipping the head of the queue
@@ -196,6 +209,7 @@ class Scheduler:
             bisect.insort(self.running, seq, key=_by_arrival)
             output.scheduled.append(ScheduledSequence(seq, num_new_tokens))
             budget -= num_new_tokens
+            num_admitted += 1
 
     def update(self, output: SchedulerOutput) -> list[Sequence]:
         """Account for a finished model step; return the sequences that must sample a token."""

@@ -100,6 +100,21 @@ def test_batch_equals_reference_alone(bundle, references, regime):
     assert (engine.num_burst_steps > 0) == regime.startswith("multi-step")
 
 
+def test_a_full_batch_bursts_while_requests_wait(bundle):
+    """Nobody can enter a full batch before a sequence finishes, so a due admission does not cut
+    its multi-step bursts to single steps."""
+    engine = LLMEngine(bundle, EngineConfig(cache_block_seq_len=4, cache_max_tokens=4096,
+                                            max_batch_size=2, num_scheduler_steps=4,
+                                            prefill_interval=1))
+    gen = GenerationConfig(max_new_tokens=9, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", [1, 20 + i, 30, 40], gen)
+    engine.step()  # the first two prompts: the batch is full, the third waits
+    assert engine.scheduler.is_full and engine.scheduler.num_waiting == 1
+    engine.step()
+    assert engine.num_burst_steps == 4
+
+
 def test_request_that_can_never_fit_is_rejected(bundle):
     engine = LLMEngine(bundle, EngineConfig(cache_block_seq_len=4, cache_max_tokens=64,
                                             session_len=128))

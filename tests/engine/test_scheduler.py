@@ -91,6 +91,24 @@ def test_budget_smaller_than_one_prompt_admits_only_its_first_chunk() -> None:
     assert plan(step(scheduler)) == [(first.seq_id, 1), (second.seq_id, 1)]
 
 
+def test_an_admission_chunks_only_its_first_prompt() -> None:
+    """A later prompt that does not fit whole waits for the next admission instead of leaving
+    a small rest chunk for the next step; the policy can be switched back."""
+    for whole in (True, False):
+        scheduler = make_scheduler(max_num_batched_tokens=8)
+        scheduler.whole_prompts_after_first = whole
+        seqs = [make_seq(3, max_new_tokens=5), make_seq(4, max_new_tokens=5), make_seq(5)]
+        for seq in seqs:
+            scheduler.add(seq)
+        a, b, c = (seq.seq_id for seq in seqs)
+        if whole:
+            assert plan(step(scheduler)) == [(a, 3), (b, 4)]
+            assert plan(step(scheduler)) == [(a, 1), (b, 1), (c, 5)]
+        else:
+            assert plan(step(scheduler)) == [(a, 3), (b, 4), (c, 1)]
+            assert plan(step(scheduler)) == [(a, 1), (b, 1), (c, 4)]
+
+
 def test_max_batch_size_limits_the_sequences_per_step() -> None:
     scheduler = make_scheduler(max_batch_size=2)
     seqs = [make_seq(2, max_new_tokens=1), make_seq(2, max_new_tokens=3), make_seq(2)]
