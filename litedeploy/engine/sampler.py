@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from litedeploy import kernels
 from litedeploy.config import MIN_SAMPLING_TEMPERATURE
 from litedeploy.errors import RequestError
 
@@ -256,12 +257,13 @@ class Sampler:
             scores = mask_grammar_rows(scores, rows, copy=scores is logits and raw_needed)
         sampled_rows = [i for i, r in enumerate(rows) if not r.is_greedy]
         if not sampled_rows:
-            return self._finish(logits, rows, scores.argmax(dim=-1))  # ties -> lowest id
+            # ties -> lowest id; CUDA: two short Triton launches (multi-step bursts' argmax)
+            return self._finish(logits, rows, kernels.argmax_rows(scores))
         sampled_ids = self._sample(scores, [rows[i] for i in sampled_rows], sampled_rows)
         if len(sampled_rows) == len(rows):
             return self._finish(logits, rows, sampled_ids)
         index = _to_device(torch.tensor(sampled_rows), logits.device)
-        token_ids = scores.argmax(dim=-1).index_copy(0, index, sampled_ids)  # [num_rows]
+        token_ids = kernels.argmax_rows(scores).index_copy(0, index, sampled_ids)  # [num_rows]
         return self._finish(logits, rows, token_ids)
 
     def _sample(
