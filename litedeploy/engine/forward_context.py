@@ -50,6 +50,25 @@ class PagedKVBackend:
         if k_cache.device.type == "cpu":
             return self._attend_cpu(q, k, v, k_cache, v_cache, quant)
         kernels.store_kv(k, v, k_cache, v_cache, step.slot_mapping, *quant)
+        return self._attend_stored(q, k_cache, v_cache, quant)
+
+    def attend_rotary(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on q and k, then `attend`. CUDA with a float cache: one launch rotates q in
+        place and k on its way into the cache (k itself stays unrotated; only the cache is read
+        after). Elsewhere (CPU, quantized caches) `apply_rope` then `attend`, as before."""
+        cache = self.kv_cache
+        if not cache.quant_bits and kernels.rope_store_kv(
+                q, k, v, cos, sin, cache.k_caches[layer_idx], cache.v_caches[layer_idx],
+                self.inputs.slot_mapping):
+            return self._attend_stored(q, cache.k_caches[layer_idx], cache.v_caches[layer_idx], ())
+        q, k = kernels.apply_rope(q, k, cos, sin)
+        return self.attend(layer_idx, q, k, v)
+
+    def _attend_stored(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       quant: tuple) -> torch.Tensor:
+        """CUDA attention over the cache that already holds this step's K/V."""
+        step = self.inputs
         if step.prefill_cu_seqlens_q is not None:
             return self._attend_split(q, k_cache, v_cache, quant)
         return kernels.paged_attention(
@@ -75,11 +94,11 @@ class PagedKVBackend:
         step, n = self.inputs, self.inputs.num_decode_rows
         decoded = kernels.paged_attention(
             q[:n], k_cache, v_cache, step.block_tables[:n], step.context_lens[:n],
-            step.cu_seqlens_q[: n + 1], 1, step.decode_max_context_len, self.scale, None, *quant,
+            step.cu_seqlens_q[: n + 1], 1, step.decode_max_context_len, self.scale, *quant,
         )
         prefilled = kernels.paged_attention(
             q[n:], k_cache, v_cache, step.block_tables[n:], step.context_lens[n:],
-            step.prefill_cu_seqlens_q, step.max_q_len, step.max_context_len, self.scale, None,
+            step.prefill_cu_seqlens_q, step.max_q_len, step.max_context_len, self.scale,
             *quant,
         )
         return torch.cat([decoded, prefilled])

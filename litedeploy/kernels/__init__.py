@@ -55,6 +55,19 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_
                                      cu_seqlens_q, max_q_len, max_context_len, scale, *quant)
 
 
+def rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping) -> bool:
+    """CUDA float caches: RoPE on q (in place) and k (on its way into the cache) plus the K/V
+    store in one launch; False (nothing done) where that kernel does not apply, so the caller
+    runs `apply_rope` and `store_kv` instead."""
+    if not q.is_cuda or k_cache.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    module = _triton_module("triton_store_kv")
+    if module is None or not hasattr(module, "rope_store_kv"):
+        return False
+    module.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    return True
+
+
 def rms_norm(x, weight, eps, residual=None):
     return _pick(x, "triton_norm_rope", "rms_norm")(x, weight, eps, residual)
 

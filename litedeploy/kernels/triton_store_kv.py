@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from litedeploy.kernels.triton_norm_rope import _rotate_heads
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -198,3 +200,77 @@ def _quant_store_kv(k, v, k_cache, v_cache, slot_mapping, k_sz, v_sz, quant_bits
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@triton.jit
+def _rope_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_heads,
+    num_kv_heads, stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token,
+    stride_v_head, stride_cos_token, stride_sin_token, stride_cache_slot, stride_cache_head,
+    HALF_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+):
+    """One program per token: q rotated in place; k rotated on its way into the cache, v copied.
+    The rotation is `triton_norm_rope._rope_kernel`'s: float32 products, rounded to q/k's dtype."""
+    token = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_mask = dims < HALF_DIM
+    cos = tl.load(cos_ptr + token * stride_cos_token + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(sin_ptr + token * stride_sin_token + dims, mask=dim_mask, other=0.0)
+    cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+    _rotate_heads(q_ptr, token, stride_q_token, stride_q_head, num_heads, cos, sin, BLOCK_HQ,
+                  HALF_DIM, BLOCK_HALF)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:  # padded rows (slot -1) write nothing
+        heads = tl.arange(0, BLOCK_HK)
+        mask = (heads[:, None] < num_kv_heads) & dim_mask[None, :]
+        k_first = k_ptr + token * stride_k_token + heads[:, None] * stride_k_head + dims[None, :]
+        k1 = tl.load(k_first, mask=mask, other=0.0).to(tl.float32)
+        k2 = tl.load(k_first + HALF_DIM, mask=mask, other=0.0).to(tl.float32)
+        out1 = (k1 * cos[None, :] - k2 * sin[None, :]).to(k_ptr.dtype.element_ty)
+        out2 = (k2 * cos[None, :] + k1 * sin[None, :]).to(k_ptr.dtype.element_ty)
+        dst = slot * stride_cache_slot + heads[:, None] * stride_cache_head + dims[None, :]
+        tl.store(k_cache_ptr + dst, out1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_cache_ptr + dst + HALF_DIM, out2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        v_first = v_ptr + token * stride_v_token + heads[:, None] * stride_v_head + dims[None, :]
+        v1 = tl.load(v_first, mask=mask, other=0.0)
+        v2 = tl.load(v_first + HALF_DIM, mask=mask, other=0.0)
+        tl.store(v_cache_ptr + dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst + HALF_DIM, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """`apply_rope(q, k, cos, sin)` then `store_kv(k, v, ...)` in one launch (float caches).
+
+    q [T, H, D] is rotated in place (views of a fused qkv output are fine: unit stride along D);
+    k [T, KVH, D] is read and its rotation goes to the cache only, k itself is left as it was.
+    Same bits as the two kernels one after the other.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if q.stride(-1) != 1 or k.stride(-1) != 1:
+        raise ValueError("rope_store_kv rotates q in place and needs unit stride along head_dim")
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
+    assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
+    if num_tokens == 0:
+        return
+    v = _last_dim_contiguous(v)
+    half_dim = head_dim // 2
+    # fmt: off
+    _rope_store_kv_kernel[(num_tokens,)](
+        q, k, v, cos, sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, q.stride(0),
+        q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+        sin.stride(0), k_cache.stride(1), k_cache.stride(2), HALF_DIM=half_dim,
+        BLOCK_HALF=triton.next_power_of_2(half_dim), BLOCK_HQ=triton.next_power_of_2(num_heads),
+        BLOCK_HK=triton.next_power_of_2(num_kv_heads), num_warps=4,
+    )
+    # fmt: on

@@ -48,7 +48,11 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = kernels.apply_rope(q, k, cos, sin)
-        out = backend.attend(self.layer_idx, q, k, v)
+        attend_rotary = getattr(backend, "attend_rotary", None)
+        if attend_rotary is not None:  # the backend may fuse RoPE into its K/V store
+            out = attend_rotary(self.layer_idx, q, k, v, cos, sin)
+        else:
+            q, k = kernels.apply_rope(q, k, cos, sin)
+            out = backend.attend(self.layer_idx, q, k, v)
         # row-parallel under TP: each rank holds some heads, their partial sums add up
         return all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))

@@ -221,3 +221,36 @@ def test_rope_matches_reference_in_place(dtype, num_heads, num_kv_heads, head_di
     torch.testing.assert_close(q, ref_q)
     torch.testing.assert_close(k, ref_k)
     assert torch.equal(qkv[:, num_heads + num_kv_heads :], v_before)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(16, 8, 128), (6, 1, 96)])
+def test_rope_store_kv_equals_rope_then_store(dtype, num_heads, num_kv_heads, head_dim) -> None:
+    num_tokens, block_size, num_blocks = 13, 16, 4
+    qkv = torch.randn(
+        num_tokens, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, device=DEVICE
+    )
+    q, k = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads]
+    v = qkv[:, num_heads + num_kv_heads :]
+    cos, sin = _rope_tables(num_tokens, head_dim)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:num_tokens]
+    slots[[2, 12]] = -1  # padded rows: q still rotated, nothing stored
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, dtype=dtype, device=DEVICE)
+    v_cache = torch.randn(cache_shape, dtype=dtype, device=DEVICE)
+    # the two kernels one after the other, on copies
+    q_ref, k_ref, k_cache_ref, v_cache_ref = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
+    tri_norm_rope.apply_rope(q_ref, k_ref, cos, sin)
+    tri_store.store_kv(k_ref, v, k_cache_ref, v_cache_ref, slots)
+    q_before, k_before, k_cache_before = q.clone(), k.clone(), k_cache.clone()
+    tri_store.rope_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+    assert torch.equal(q, q_ref)  # q rotated in place, where it lies in qkv
+    assert torch.equal(k_cache, k_cache_ref) and torch.equal(v_cache, v_cache_ref)
+    assert torch.equal(k, k_before)  # k itself is left as it was
+    # and against the torch twins (one unit in the last place, as the RoPE test)
+    twin_q, twin_k = reference.apply_rope(q_before, k_before, cos, sin)
+    twin_k_cache = k_cache_before.clone()
+    reference.store_kv(twin_k, v, twin_k_cache, v_cache.clone(), slots)
+    torch.testing.assert_close(q, twin_q)
+    torch.testing.assert_close(k_cache, twin_k_cache)
+
