@@ -94,6 +94,19 @@ def linear(x, weight, bias=None):
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def silu_mul_linear(gate_up: torch.Tensor, linear_module: torch.nn.Module) -> torch.Tensor | None:
+    """linear_module(silu(gate) * up) in one GEMV launch for a one-row CUDA input when the
+    module is a dispatched plain linear (see `_DispatchedLinear`); None where that does not
+    apply, and the caller runs `silu_and_mul` and the module itself (CPU: always None)."""
+    if not (gate_up.is_cuda and type(linear_module) is _DispatchedLinear and gate_up.dim() == 2
+            and gate_up.shape[0] == 1 and _gemv_enabled()):
+        return None
+    module = _triton_module("triton_gemv")
+    if module is None or not hasattr(module, "silu_mul_linear"):
+        return None
+    return module.silu_mul_linear(gate_up, linear_module.weight, linear_module.bias)
+
+
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Greedy choice per row (ties -> lowest id) as int64 [rows]: two short Triton launches on
     CUDA instead of torch's one-block-per-row reduction."""

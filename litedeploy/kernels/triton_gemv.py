@@ -31,7 +31,7 @@ DISPATCH_MAX_ROWS = 1
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, GATED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,7 +53,16 @@ def _gemv_kernel(
         # one row of x at a time: registers hold the weight tile once, whatever M is
         for m in tl.static_range(BLOCK_M):
             x_mask = k_mask & ((offs_k * 0 + m) < M)  # padding rows read zeros
-            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=x_mask, other=0.0)
+            if GATED:
+                # x = silu(gate) * up of a packed [gate | up] row, rounded as
+                # triton_activation.silu_and_mul rounds it (silu, then the product)
+                gate = tl.load(x_ptr + m * stride_xm + offs_k, mask=x_mask, other=0.0)
+                up = tl.load(x_ptr + m * stride_xm + K + offs_k, mask=x_mask, other=0.0)
+                gate = gate.to(tl.float32)
+                act = (gate * tl.sigmoid(gate)).to(x_ptr.dtype.element_ty)
+                x = (act.to(tl.float32) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            else:
+                x = tl.load(x_ptr + m * stride_xm + offs_k, mask=x_mask, other=0.0)
             part = tl.sum(w * x.to(tl.float32)[None, :], axis=1)  # [BLOCK_N]
             acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
     if HAS_BIAS:
@@ -82,11 +91,13 @@ def pick_config(num_rows: int, n_dim: int, k_dim: int, num_sms: int) -> tuple[in
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+         config: tuple[int, int, int] | None = None, gated: bool = False) -> torch.Tensor:
     """x [M, K] (M <= MAX_GEMV_ROWS), weight [N, K], bias [N] or None -> [M, N] in x's dtype.
 
+    gated: x is a packed [M, 2K] gate|up row and the GEMV's input is silu(gate) * up, computed
+    while loading (SwiGLU's down_proj without the activation's own launch and round trip).
     `config` = (BLOCK_N, BLOCK_K, num_warps) overrides the heuristic (benchmark sweeps)."""
-    num_rows, k_dim = x.shape
+    num_rows, k_dim = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n_dim = weight.shape[0]
     assert num_rows <= MAX_GEMV_ROWS and weight.shape[1] == k_dim, (x.shape, weight.shape)
     if x.stride(1) != 1:
@@ -101,7 +112,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, bias if bias is not None else weight, out, num_rows, n_dim, k_dim,
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=max(1, triton.next_power_of_2(num_rows)),
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k_dim % block_k == 0, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k_dim % block_k == 0, GATED=gated,
+        num_warps=num_warps,
     )
     return out
 
@@ -112,3 +124,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype):
         return gemv(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """F.linear(silu(gate) * up, weight, bias) for a packed [rows, 2K] gate|up input, in one
+    GEMV launch, where `linear` would take the GEMV; None elsewhere (the caller runs the
+    activation and the linear separately)."""
+    if (gate_up.dim() == 2 and 0 < gate_up.shape[0] <= DISPATCH_MAX_ROWS
+            and gate_up.dtype in (torch.bfloat16, torch.float16) and weight.dtype == gate_up.dtype
+            and gate_up.shape[1] == 2 * weight.shape[1]):
+        return gemv(gate_up, weight, bias, gated=True)
+    return None

@@ -109,3 +109,21 @@ def test_int4_gemv_matches_dequantized_weight(config, n_dim, k_dim, group_size) 
                                       zeros.to(DEVICE), group_size, config=config)
     assert out.shape == (1, n_dim) and out.dtype == torch.float16
     assert _rel_err(out.cpu(), ref) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [_BF16, torch.float16])
+@pytest.mark.parametrize("n_dim,k_dim", [(100, 300), (64, 2048)])
+def test_gated_gemv_equals_activation_then_gemv(dtype, n_dim, k_dim) -> None:
+    # down_proj with silu(gate) * up computed while loading: same rounding as silu_and_mul
+    from litedeploy.kernels import reference, triton_activation
+
+    gate_up = 3 * torch.randn(1, 2 * k_dim, dtype=dtype, device=DEVICE)
+    weight = torch.randn(n_dim, k_dim, dtype=dtype, device=DEVICE) / k_dim**0.5
+    out = triton_gemv.silu_mul_linear(gate_up, weight)
+    unfused = triton_gemv.gemv(triton_activation.silu_and_mul(gate_up), weight)
+    assert out.shape == (1, n_dim) and out.dtype == dtype
+    assert torch.equal(out, unfused)
+    ref = torch.nn.functional.linear(reference.silu_and_mul(gate_up).double(), weight.double())
+    assert _rel_err(out, ref) < MAX_REL_ERR[dtype]
+    # shapes the GEMV does not take come back as None (the caller runs the two steps)
+    assert triton_gemv.silu_mul_linear(gate_up.expand(9, -1), weight) is None
