@@ -76,6 +76,16 @@ def apply_rope(q, k, cos, sin):
     return _pick(q, "triton_norm_rope", "apply_rope")(q, k, cos, sin)
 
 
+def rope_cos_sin(positions, inv_freq, rope_lens=None, dynamic_params=None):
+    """RoPE's cos/sin of a step in one Triton launch on CUDA (see triton_norm_rope); None
+    elsewhere: the caller computes them with torch."""
+    if positions.is_cuda:
+        module = _triton_module("triton_norm_rope")
+        if module is not None and hasattr(module, "rope_cos_sin"):
+            return module.rope_cos_sin(positions, inv_freq, rope_lens, dynamic_params)
+    return None
+
+
 def silu_and_mul(x):
     return _pick(x, "triton_activation", "silu_and_mul")(x)
 

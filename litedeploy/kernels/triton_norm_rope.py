@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -200,3 +201,64 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _warps_for(block: int) -> int:
     # one warp per 256 elements keeps 8 values per thread, capped at a full 16-warp block
     return max(1, min(16, block // 256))
+
+
+@triton.jit
+def _cos_sin_kernel(
+    positions_ptr, rope_lens_ptr, inv_freq_ptr, params_ptr, cos_ptr, sin_ptr,
+    HALF_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, DYNAMIC: tl.constexpr,
+):
+    """cos/sin [T, D/2] of one token per program, with the operations of the torch code in
+    `layers.rotary` (float64 NTK base, float32 rest; libdevice pow/cos/sin, IEEE division, a
+    division by a scalar as a product with its reciprocal, as torch does it). Not the same bits
+    as torch's kernels for dynamic NTK: on an H200, a quarter of the values differed, by up to
+    4e-3 at positions up to 40k (inv_freq a few units in the last place apart, times a large
+    angle); the default RoPE matched to 1e-6 in the tests. Every CUDA path (eager, graphs,
+    bursts) uses it."""
+    token = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    mask = dims < HALF_DIM
+    position = tl.load(positions_ptr + token).to(tl.float32)
+    if DYNAMIC:
+        # params (float64): theta, factor, 1 / max_pos, factor - 1, dim / (dim - 2), max_pos,
+        # float32(1) / float32(dim)
+        theta = tl.load(params_ptr)
+        factor = tl.load(params_ptr + 1)
+        inv_max_pos = tl.load(params_ptr + 2)
+        factor_minus_one = tl.load(params_ptr + 3)
+        exponent = tl.load(params_ptr + 4)
+        max_pos = tl.load(params_ptr + 5)
+        inv_dim = tl.load(params_ptr + 6).to(tl.float32)
+        length = tl.maximum(tl.load(rope_lens_ptr + token).to(tl.float64), max_pos)
+        ntk = factor * length * inv_max_pos - factor_minus_one
+        base = (theta * libdevice.pow(ntk, exponent)).to(tl.float32)
+        exponents = (2 * dims).to(tl.float32) * inv_dim
+        ones = tl.full([BLOCK_HALF], 1.0, tl.float32)
+        inv_freq = tl.math.div_rn(ones, libdevice.pow(tl.zeros_like(exponents) + base, exponents))
+    else:
+        inv_freq = tl.load(inv_freq_ptr + dims, mask=mask, other=0.0).to(tl.float32)
+    freqs = position * inv_freq
+    tl.store(cos_ptr + token * HALF_DIM + dims, libdevice.cos(freqs), mask=mask)
+    tl.store(sin_ptr + token * HALF_DIM + dims, libdevice.sin(freqs), mask=mask)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, rope_lens: torch.Tensor | None = None,
+    dynamic_params: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`RotaryEmbedding.forward` in one launch instead of ~18 small ones: positions [T] (and for
+    dynamic NTK rope_lens [T] with `dynamic_params`, see `_cos_sin_kernel`) -> cos, sin [T, D/2]
+    float32. H200, batch 1 in a CUDA graph: 2.1 us against 24 us for the torch code."""
+    num_tokens, half_dim = positions.shape[0], inv_freq.shape[0]
+    cos = torch.empty(num_tokens, half_dim, dtype=torch.float32, device=positions.device)
+    sin = torch.empty_like(cos)
+    if num_tokens:
+        dynamic = dynamic_params is not None
+        # fmt: off
+        _cos_sin_kernel[(num_tokens,)](
+            positions, rope_lens if dynamic else positions, inv_freq,
+            dynamic_params if dynamic else inv_freq, cos, sin, HALF_DIM=half_dim,
+            BLOCK_HALF=triton.next_power_of_2(half_dim), DYNAMIC=dynamic, num_warps=1,
+        )
+        # fmt: on
+    return cos, sin

@@ -254,3 +254,25 @@ def test_rope_store_kv_equals_rope_then_store(dtype, num_heads, num_kv_heads, he
     torch.testing.assert_close(q, twin_q)
     torch.testing.assert_close(k_cache, twin_k_cache)
 
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="libdevice pow/cos/sin are not interpreted")
+@pytest.mark.parametrize("scaling", [None, "dynamic"])
+def test_rope_cos_sin_matches_torch_path(scaling) -> None:
+    from litedeploy.config import RopeConfig
+    from litedeploy.layers.rotary import RotaryEmbedding
+
+    rope = RopeConfig(theta=1e6, scaling_type=scaling, factor=2.0 if scaling else 1.0)
+    rotary = RotaryEmbedding(rope, 128, 256).to(DEVICE)
+    positions = torch.randint(0, 1000, (37,), device=DEVICE)
+    # dynamic NTK: lengths under the trained window (neutral) and past it (a larger base)
+    rope_lens = positions + torch.randint(1, 600, (37,), device=DEVICE)
+    cos, sin = rotary(positions, rope_lens if scaling else None)
+    inv_freq = (rotary._dynamic_inv_freq(rope_lens) if scaling
+                else rotary.inv_freq.to(DEVICE)[None, :])
+    freqs = positions.float()[:, None] * inv_freq  # the torch code of RotaryEmbedding.forward
+    assert cos.shape == sin.shape == (37, 64) and cos.dtype == torch.float32
+    # the same function: within a few float32 units of the largest angle (an inv_freq one unit
+    # apart moves an angle of 1000 by ~6e-5)
+    atol = 8 * torch.finfo(torch.float32).eps * float(freqs.abs().max())
+    torch.testing.assert_close(cos, freqs.cos(), rtol=0, atol=atol)
+    torch.testing.assert_close(sin, freqs.sin(), rtol=0, atol=atol)
