@@ -259,6 +259,9 @@ def rope_cos_sin(
             positions, rope_lens if dynamic else positions, inv_freq,
             dynamic_params if dynamic else inv_freq, cos, sin, HALF_DIM=half_dim,
             BLOCK_HALF=triton.next_power_of_2(half_dim), DYNAMIC=dynamic, num_warps=1,
+            # each product and sum rounded on its own, as in torch's separate kernels (FMA
+            # contraction on gave as many differing values; this is the measured setting)
+            enable_fp_fusion=False,
         )
         # fmt: on
     return cos, sin
