@@ -209,6 +209,8 @@ def run_api_server(args: argparse.Namespace) -> int:
         scheme = "https" if ssl_certfile else "http"
         decode = decode_status_text(engine.engine)  # CPU: compiled decode on, compiling or off
         decode = f", decode {decode}" if decode else ""
+        copies = getattr(engine.engine, "bf16_copy_bytes", 0)  # CPU: bf16 weights for steps of many rows
+        decode += f", bf16 weight copies {copies / 2**30:.2f} GiB" if copies else ""
         print(f"litedeploy api_server: {settings.model_name} on {engine.engine.device}, KV cache "
               f"{shape.num_tokens} tokens ({shape.size_gib:.2f} GiB), session_len "
               f"{engine.engine.session_len}{decode}; serving {scheme}://{args.server_name}:"

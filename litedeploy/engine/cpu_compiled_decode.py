@@ -6,7 +6,9 @@ quantized matmuls themselves. Compiling the whole step (embedding, every layer, 
 Inductor fuse each run of small ops into one C++ loop; the matmuls stay PyTorch's kernels.
 
 Two graphs serve every plain decode step: batch 1, and any batch of 2 or more (a dynamic batch
-dimension: no ladder, no padding rows, which on a CPU would cost their full compute). The block
+dimension: no ladder, no padding rows, which on a CPU would cost their full compute). Where the
+quantized linears keep bf16 copies for many rows (layers/cpu_batched_weights.py), the batched
+graph is two: 2..7 rows (packed kernels) and 8 or more (the copies), each a dynamic range. The block
 table's width is dynamic too (at least 2 columns, so width 1 needs no graph of its own): each
 row reads its own blocks, padded to the batch's longest, and masks the slots past its context,
 as kernels/reference.py's decode rows do. Prefill, mixed steps (their decode rows too), bursts
@@ -31,6 +33,7 @@ import torch
 from litedeploy.engine.cpu_compile_cache import point_inductor_at_cache
 from litedeploy.engine.input_builder import HostStepInputs
 from litedeploy.engine.kv_cache import KVCache
+from litedeploy.layers.cpu_batched_weights import BATCHED_MIN_ROWS, has_bf16_copies
 from litedeploy.models.decoder import DecoderForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ MIN_TABLE_COLUMNS = 2  # a dynamic dimension of size 1 would be specialized into
 # the warm-up's dynamic sizes must differ from each other: the tracer gives equal sizes one
 # symbol ("duck sizing"), and its graphs would then only take steps where they are equal
 WARM_UP_CACHE_BLOCKS, WARM_UP_COLUMNS, WARM_UP_BATCH = 5, 3, 2
+WARM_UP_MANY_ROWS = BATCHED_MIN_ROWS + 1  # the many-rows graph's warm-up batch (not 3 or 5)
+MAX_ROWS = 1 << 16  # the many-rows range's upper end (a dynamic range needs one)
 # The compile starts once the engine has run no step for this long. Tracing and code generation
 # hold the GIL most of the time, and every op of an eager step waits for it: a reply that runs
 # beside the compile took 20 s to its first token instead of 8 (`litedeploy chat` fed at start).
@@ -61,10 +66,13 @@ class _WholeBlocksBackend:
         num_kv_heads = k_cache.shape[2]
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slots, k.to(k_cache.dtype))
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, self.slots, v.to(v_cache.dtype))
-        flat_tables = self.tables.reshape(-1)
-        keys = k_cache.index_select(0, flat_tables).view(batch, -1, num_kv_heads, head_dim)
-        values = v_cache.index_select(0, flat_tables).view(batch, -1, num_kv_heads, head_dim)
-        valid = (torch.arange(keys.shape[1], device=q.device)[None, :]
+        # index by the 2-D table and name every size: a flat gather viewed as (batch, -1) made
+        # Inductor divide by the symbolic sizes for every key it loaded (2x the attention time)
+        rows, columns = self.tables.shape
+        length = columns * k_cache.shape[1]
+        keys = k_cache[self.tables].view(rows, length, num_kv_heads, head_dim)
+        values = v_cache[self.tables].view(rows, length, num_kv_heads, head_dim)
+        valid = (torch.arange(length, device=q.device)[None, :]
                  < self.context_lens[:, None])  # [B, L]
         # slots past the context hold whatever the cache had, possibly NaN bits: zero them, or
         # 0 * NaN would leak through the probabilities
@@ -119,6 +127,8 @@ class CompiledCPUDecode:
         self.dynamic_batch = dynamic_batch
         self.max_batch_size = max_batch_size  # 1 (`litedeploy chat`): no batched graph to build
         self.static_batch_sizes: list[int] = []
+        # bf16 copies for many rows: the batched graph splits at BATCHED_MIN_ROWS rows
+        self.split_rows = has_bf16_copies(model) and max_batch_size >= BATCHED_MIN_ROWS
         self.status, self.off_reason = "compiling", ""
         self.compile_seconds: float | None = None
         self.done = threading.Event()  # set when status leaves "compiling"
@@ -175,6 +185,8 @@ class CompiledCPUDecode:
                 cache.zero_()
                 torch._dynamo.mark_dynamic(cache, 0)  # the live cache's size follows free memory
         batched = [WARM_UP_BATCH] if self.max_batch_size > 1 else []
+        if self.split_rows:
+            batched.append(WARM_UP_MANY_ROWS)
         batches = [1, *(self.static_batch_sizes if not self.dynamic_batch else batched)]
         # no worker processes: on a small CPU the eager path keeps a core while this compiles
         with torch._inductor.config.patch(compile_threads=1), torch.inference_mode():
@@ -232,8 +244,12 @@ class CompiledCPUDecode:
         table_tensor = torch.from_numpy(tables)
         torch._dynamo.mark_dynamic(table_tensor, 1)  # one graph for every context length
         if batch > 1 and self.dynamic_batch:  # batch 1 keeps its own graph
+            # split: the range decides, statically, which weights each graph uses
+            few = batch < BATCHED_MIN_ROWS
+            rows = ({} if not self.split_rows else {"min": 2, "max": BATCHED_MIN_ROWS - 1}
+                    if few else {"min": BATCHED_MIN_ROWS, "max": MAX_ROWS})
             for tensor in (*inputs, table_tensor):
-                torch._dynamo.mark_dynamic(tensor, 0)
+                torch._dynamo.mark_dynamic(tensor, 0, **rows)
         ids, pos, lens, slot_tensor, context_tensor = inputs
         return self._step(self.model, kv_cache, ids, pos, lens if self.dynamic_rope else None,
                           slot_tensor, table_tensor, context_tensor, self.scale)

@@ -27,6 +27,7 @@ from litedeploy.engine.sampler import SampledToken, Sampler
 from litedeploy.engine.scheduler import Scheduler, SchedulerOutput
 from litedeploy.engine.sequence import Sequence
 from litedeploy.errors import ModelLoadError, RequestError
+from litedeploy.layers.cpu_batched_weights import attach_bf16_copies
 from litedeploy.model_bundle import ModelBundle, load_bundle, resolve_model_path
 from litedeploy.reference_generation import sampling_row
 
@@ -60,6 +61,11 @@ class LLMEngine:
                     f"a {num_tokens}-token prefill does not fit in GPU memory next to the "
                     "weights: lower --max-prefill-token-num or --max-batch-size, or raise "
                     "--max-gpu-memory") from exc
+        # CPU, one process: bf16 copies of small quantized models for steps of many rows;
+        # before the cache is sized, which takes what is left
+        self.bf16_copy_bytes = 0
+        if self.device.type == "cpu" and workers is None:
+            self.bf16_copy_bytes = attach_bf16_copies(bundle.model, config.max_batch_size)
         cache_shape = plan_cache(
             self.model_config, config.cache_config(), bundle.dtype, self.device,
             max_useful_tokens=config.max_batch_size * self.session_len,

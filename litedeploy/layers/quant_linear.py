@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from litedeploy.layers import int4pack_cpu
+from litedeploy.layers.cpu_batched_weights import takes_bf16_copy
 
 _CPU_INT4_GROUPS = (32, 64, 128, 256)
 # PyTorch's CPU weight-only kernels (bfloat16 activations); None where this build lacks them
@@ -153,6 +154,7 @@ class Int8Linear(nn.Module):
         self.bias = _frozen((out_features,)) if bias else None
         self.mode = "dequant"
         self.scales_bf16: torch.Tensor | None = None
+        self.bf16_copy: torch.Tensor | None = None  # CPU, many rows: [N, K] (cpu_batched_weights)
 
     def finalize(self) -> None:
         device = self.weight.device
@@ -163,6 +165,13 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]
+
+    def can_keep_bf16_copy(self) -> bool:
+        return self.mode == "cpu"
+
+    def keep_bf16_copy(self) -> None:
+        if self.bf16_copy is None:  # engines built over one model share it
+            self.bf16_copy = self.dequantized().to(torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "cpu" and x.dim() == 2:
@@ -183,8 +192,11 @@ class Int8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
     def _cpu_forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        # as few ops as possible: at batch 1 the kernel itself takes ~20-50 us, each extra op ~1-2
-        out = _INT8_MM(x.to(torch.bfloat16), self.weight, self.scales_bf16)
+        if self.bf16_copy is not None and takes_bf16_copy(x.shape[0]):
+            out = F.linear(x.to(torch.bfloat16), self.bf16_copy)
+        else:
+            # as few ops as possible: at batch 1 the kernel takes ~20-50 us, each extra op ~1-2
+            out = _INT8_MM(x.to(torch.bfloat16), self.weight, self.scales_bf16)
         if x.dtype != torch.bfloat16:
             out = out.to(x.dtype)
         return out if self.bias is None else out.add_(self.bias.to(out.dtype))
@@ -207,6 +219,7 @@ class Int4Linear(nn.Module):
         self.mode = "dequant"
         self.kernel_tensors: tuple[torch.Tensor, ...] = ()
         self.cpu_many_rows = False  # CPU: many-row inputs take a dequantized bf16 GEMM
+        self.bf16_copy: torch.Tensor | None = None  # CPU, many rows: [K, N] (cpu_batched_weights)
         self.gemv_tensors: tuple[torch.Tensor, ...] = ()
 
     def dequantized(self) -> torch.Tensor:
@@ -226,6 +239,16 @@ class Int4Linear(nn.Module):
             self.mode = "triton"
         if self.mode != "dequant":  # the row-form parameters go (CUDA: gemv_tensors keeps them)
             self.qweight = self.scales = self.zeros = None
+
+    def can_keep_bf16_copy(self) -> bool:
+        return self.mode == "cpu" and self.cpu_many_rows
+
+    def keep_bf16_copy(self) -> None:
+        if self.bf16_copy is not None:  # engines built over one model share it
+            return
+        packed, scale_and_zero = self.kernel_tensors
+        self.bf16_copy = int4pack_cpu.dequantize_int4pack(packed, scale_and_zero,
+                                                          self.group_size, self.in_features)
 
     def _cpu_int4_ok(self) -> bool:
         return (_has_op("_weight_int4pack_mm_for_cpu") and self.group_size in _CPU_INT4_GROUPS
@@ -265,7 +288,9 @@ class Int4Linear(nn.Module):
     def _cpu_forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         # as few ops as possible: at batch 1 the kernel itself takes ~15-50 us, each extra op ~1-2
         packed, scale_and_zero = self.kernel_tensors
-        if self.cpu_many_rows and x.shape[0] >= int4pack_cpu.DEQUANT_MIN_ROWS:  # a prefill
+        if self.bf16_copy is not None and takes_bf16_copy(x.shape[0]):
+            out = x.to(torch.bfloat16) @ self.bf16_copy
+        elif self.cpu_many_rows and x.shape[0] >= int4pack_cpu.DEQUANT_MIN_ROWS:  # a prefill
             weight = int4pack_cpu.dequantize_int4pack(packed, scale_and_zero, self.group_size,
                                                       self.in_features)
             out = x.to(torch.bfloat16) @ weight
