@@ -49,7 +49,7 @@ done
 $LD serve api_server --server-port "$PORT" > "$TMP/server.log" 2>&1 &
 SERVER=$!
 for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 0.5; done
-sleep 60  # let the background compile finish: the steady state is what is measured
+sleep "${COMPILE_WAIT_S:-150}"  # let the background compile finish (3 graphs, warm cache): the steady state is measured
 $LD bench serving --url "http://127.0.0.1:$PORT" --num-prompts 96 --max-concurrency 32 \
     --max-tokens 128 --input-len 128 --endpoint completions --vocab-size 49152 --output-json "$TMP/serving-32.json" > /dev/null
 kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=
