@@ -79,6 +79,17 @@ def rms_norm(
 
 
 @triton.jit
+def _load_cos_sin(cos_ptr, sin_ptr, token, stride_cos_token, stride_sin_token,
+                  HALF_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One token's cos and sin halves, in float32 (the rotation's precision)."""
+    dims = tl.arange(0, BLOCK_HALF)
+    dim_mask = dims < HALF_DIM
+    cos = tl.load(cos_ptr + token * stride_cos_token + dims, mask=dim_mask, other=0.0)
+    sin = tl.load(sin_ptr + token * stride_sin_token + dims, mask=dim_mask, other=0.0)
+    return cos.to(tl.float32), sin.to(tl.float32)
+
+
+@triton.jit
 def _rotate_heads(
     x_ptr,
     token,
@@ -123,11 +134,8 @@ def _rope_kernel(
     BLOCK_HK: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    dims = tl.arange(0, BLOCK_HALF)
-    dim_mask = dims < HALF_DIM
-    cos = tl.load(cos_ptr + token * stride_cos_token + dims, mask=dim_mask, other=0.0)
-    sin = tl.load(sin_ptr + token * stride_sin_token + dims, mask=dim_mask, other=0.0)
-    cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+    cos, sin = _load_cos_sin(cos_ptr, sin_ptr, token, stride_cos_token, stride_sin_token,
+                             HALF_DIM, BLOCK_HALF)
     _rotate_heads(
         q_ptr,
         token,

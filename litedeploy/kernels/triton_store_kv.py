@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from litedeploy.kernels.triton_norm_rope import _rotate_heads
+from litedeploy.kernels.triton_norm_rope import _load_cos_sin, _rotate_heads
 
 
 @triton.jit
@@ -213,11 +213,10 @@ def _rope_store_kv_kernel(
     """One program per token: q rotated in place; k rotated on its way into the cache, v copied.
     The rotation is `triton_norm_rope._rope_kernel`'s: float32 products, rounded to q/k's dtype."""
     token = tl.program_id(0).to(tl.int64)
+    cos, sin = _load_cos_sin(cos_ptr, sin_ptr, token, stride_cos_token, stride_sin_token,
+                             HALF_DIM, BLOCK_HALF)
     dims = tl.arange(0, BLOCK_HALF)
     dim_mask = dims < HALF_DIM
-    cos = tl.load(cos_ptr + token * stride_cos_token + dims, mask=dim_mask, other=0.0)
-    sin = tl.load(sin_ptr + token * stride_sin_token + dims, mask=dim_mask, other=0.0)
-    cos, sin = cos.to(tl.float32), sin.to(tl.float32)
     _rotate_heads(q_ptr, token, stride_q_token, stride_q_head, num_heads, cos, sin, BLOCK_HQ,
                   HALF_DIM, BLOCK_HALF)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
