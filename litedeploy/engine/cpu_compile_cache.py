@@ -17,6 +17,11 @@ import torch
 CACHE_DIR_ENV = "LITEDEPLOY_CACHE_DIR"
 SWITCH_ENV = "LITEDEPLOY_CPU_COMPILE"  # "0" keeps the CPU decode eager (test suites, debugging)
 INDUCTOR_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
+# The oldest PyTorch whose compile off the main thread this project has run green. Under torch
+# 2.11 (Python 3.12, Intel Xeon) Dynamo crashed (SIGSEGV in FakeTensorMode.__enter__) or hung
+# while tracing the decode step in the background thread; torch.compile is documented as not
+# thread-safe, so older versions stay eager unless LITEDEPLOY_CPU_COMPILE=1 asks for it.
+MIN_TORCH_FOR_BACKGROUND_COMPILE = "2.13"
 
 
 def litedeploy_cache_dir() -> Path:
@@ -50,6 +55,18 @@ def switched_off_by_env() -> bool:
     return os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "no", "off")
 
 
+def forced_on_by_env() -> bool:
+    return os.environ.get(SWITCH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def torch_compiles_in_background() -> bool:
+    """Whether this PyTorch is one the background compile is known to work with."""
+    from packaging.version import Version  # a dependency of transformers
+
+    oldest = Version(MIN_TORCH_FOR_BACKGROUND_COMPILE).release
+    return Version(torch.__version__).release[:len(oldest)] >= oldest  # 2.13 nightlies too
+
+
 def off_reason(device: torch.device, eager_mode: bool, quant_bits: int, tp_size: int) -> str | None:
     """Why the compiled CPU decode cannot or must not run here; None when it may."""
     if device.type != "cpu":
@@ -58,6 +75,9 @@ def off_reason(device: torch.device, eager_mode: bool, quant_bits: int, tp_size:
         return "--eager-mode"
     if switched_off_by_env():
         return f"{SWITCH_ENV}={os.environ[SWITCH_ENV]}"
+    if not forced_on_by_env() and not torch_compiles_in_background():
+        return (f"torch {torch.__version__} < {MIN_TORCH_FOR_BACKGROUND_COMPILE}: "
+                f"{SWITCH_ENV}=1 compiles anyway")
     if quant_bits:
         return f"quantized KV cache (--quant-policy {quant_bits})"
     if tp_size != 1:

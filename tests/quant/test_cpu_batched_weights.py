@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from litedeploy.config import EngineConfig, GenerationConfig
-from litedeploy.engine.cpu_compile_cache import compiled_decode_of
+from litedeploy.engine.cpu_compile_cache import compiled_decode_of, torch_compiles_in_background
 from litedeploy.engine.engine import LLMEngine
 from litedeploy.layers import cpu_batched_weights, int4pack_cpu
 from litedeploy.layers.cpu_batched_weights import BATCHED_MIN_ROWS, attach_bf16_copies
@@ -132,6 +132,8 @@ PROMPTS = [[1] + [(i * 13 + j * 7) % 250 + 20 for j in range(3 + (i % 5))] for i
 GEN = GenerationConfig(max_new_tokens=6, ignore_eos=True, logprobs=2)
 
 
+@pytest.mark.skipif(not torch_compiles_in_background(),
+                    reason=f"torch {torch.__version__}: no background compile (engine keeps it off)")
 def test_compiled_decode_splits_few_and_many_rows(int8_bundle, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LITEDEPLOY_CPU_COMPILE", "1")
     monkeypatch.setenv("LITEDEPLOY_CACHE_DIR", str(tmp_path))

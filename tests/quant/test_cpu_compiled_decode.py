@@ -22,9 +22,11 @@ import torch
 from litedeploy.config import EngineConfig, GenerationConfig
 from litedeploy.engine import cpu_compiled_decode
 from litedeploy.engine.cpu_compile_cache import (
+    MIN_TORCH_FOR_BACKGROUND_COMPILE,
     compiled_decode_of,
     decode_status_text,
     inductor_cache_dir,
+    torch_compiles_in_background,
 )
 from litedeploy.engine.cpu_compiled_decode import CompiledCPUDecode
 from litedeploy.engine.engine import LLMEngine
@@ -37,6 +39,10 @@ from tests.helpers.tiny_models import make_llama
 PROMPTS = [[5, 17, 42, 99, 3, 250, 7], [11, 12, 13], [9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 GEN = GenerationConfig(max_new_tokens=12, ignore_eos=True)
 COMPILE_TIMEOUT_S = 900
+# older PyTorch crashed compiling off the main thread: the engine keeps it off there (tested below)
+needs_background_compile = pytest.mark.skipif(
+    not torch_compiles_in_background(),
+    reason=f"torch {torch.__version__}: the background compile needs {MIN_TORCH_FOR_BACKGROUND_COMPILE}+")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +98,7 @@ def compiled(switched_on, bundle, eager):
     return engine, {"first": first, "while_compiling": while_compiling}
 
 
+@needs_background_compile
 def test_serves_while_compiling_then_switches_over(compiled, eager):
     engine, record = compiled
     assert record["while_compiling"] == ("compiling", "eager while compiling in the background", 0)
@@ -104,6 +111,7 @@ def test_serves_while_compiling_then_switches_over(compiled, eager):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder) and any(folder.iterdir())
 
 
+@needs_background_compile
 def test_batch_one_tokens_equal_the_eager_path(compiled, eager):
     engine, _ = compiled
     graphs = compiled_decode_of(engine)
@@ -117,6 +125,7 @@ def test_batch_one_tokens_equal_the_eager_path(compiled, eager):
         assert graphs.num_runs - before == num_decode_shaped
 
 
+@needs_background_compile
 def test_batched_tokens_equal_the_eager_path(compiled, eager):
     engine, _ = compiled
     graphs = compiled_decode_of(engine)
@@ -138,6 +147,7 @@ def _host(q_lens: list[int], context_lens: list[int], samples: int | None = None
                           [r - 1 for r in rows], max(q_lens), max(context_lens))
 
 
+@needs_background_compile
 def test_only_plain_decode_steps_go_compiled(compiled):
     graphs = compiled_decode_of(compiled[0])
     assert graphs.can_run(_host([1], [9]))
@@ -178,3 +188,14 @@ def test_what_keeps_it_off(switched_on, bundle):
         assert decode_status_text(_engine(bundle)) == "eager (LITEDEPLOY_CPU_COMPILE=0)"
     finally:
         switched_on.setenv("LITEDEPLOY_CPU_COMPILE", "1")
+
+
+def test_older_torch_stays_eager_unless_asked(switched_on, bundle, monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    monkeypatch.delenv("LITEDEPLOY_CPU_COMPILE")
+    engine = _engine(bundle)
+    assert compiled_decode_of(engine) is None
+    assert decode_status_text(engine) == (
+        "eager (torch 2.11.0+cu130 < 2.13: LITEDEPLOY_CPU_COMPILE=1 compiles anyway)")
+    monkeypatch.setenv("LITEDEPLOY_CPU_COMPILE", "1")
+    assert _engine(bundle).runner.cpu_compile_off_reason is None
