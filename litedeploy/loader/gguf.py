@@ -104,9 +104,11 @@ class GGUFCheckpoint:
         cache_dir = _tokenizer_cache_dir(self.path)
         if cache_dir is not None and (cache_dir / "tokenizer.json").exists():
             try:
-                return AutoTokenizer.from_pretrained(str(cache_dir))
+                cached = AutoTokenizer.from_pretrained(str(cache_dir))
             except Exception:  # noqa: BLE001 - a stale or broken cache: rebuild below
-                pass
+                cached = None
+            if cached is not None and self.conversion_problem(cached) is None:
+                return cached  # else saved by a transformers that converted it wrongly
         folder, file_name = os.path.split(os.path.abspath(self.path))
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
@@ -114,6 +116,13 @@ class GGUFCheckpoint:
             raise ModelLoadError(
                 f"cannot build a tokenizer from the metadata of {self.path}: {exc}"
             ) from exc
+        problem = self.conversion_problem(tokenizer)
+        if problem is not None:
+            import transformers
+
+            raise ModelLoadError(
+                f"transformers {transformers.__version__} converted the tokenizer of {self.path} "
+                f"wrongly ({problem}); upgrade it: pip install -U 'transformers>=5.24'")
         if cache_dir is not None:
             # converting GGUF metadata takes seconds; the saved tokenizer.json loads in a blink
             try:
@@ -121,6 +130,21 @@ class GGUFCheckpoint:
             except OSError:
                 pass
         return tokenizer
+
+    def conversion_problem(self, tokenizer) -> str | None:
+        """What is wrong with a tokenizer converted from this file's metadata, or None.
+
+        transformers 5.17 turned SmolLM2's byte-level BPE into one with a SentencePiece decoder
+        and <|im_start|> as eos: replies came back with 'Ġ' for spaces, never stopped, and
+        grammar masks read the vocabulary wrongly."""
+        eos_id = self.hf_config.get("eos_token_id")
+        if eos_id is not None and tokenizer.eos_token_id != eos_id:
+            return f"eos token id {tokenizer.eos_token_id}, the file says {eos_id}"
+        sample = "a b, c"  # spaces: byte-level 'Ġ' and SentencePiece '▁' both decode to ' '
+        decoded = tokenizer.decode(tokenizer.encode(sample, add_special_tokens=False))
+        if decoded.strip() != sample:
+            return f"{sample!r} decodes back as {decoded!r}"
+        return None
 
 
 def _tokenizer_cache_dir(path: str) -> Path | None:

@@ -6,7 +6,6 @@ settings, so a lost history, a stale session after `end` or a broken abort chang
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from litedeploy.api import pipeline
 from litedeploy.config import EngineConfig, GenerationConfig
+from tests.helpers.subprocess_env import repo_env
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -29,8 +29,7 @@ PROMPT_MARK = "input >>>"  # prompt_toolkit draws the trailing space as a cursor
 
 def _env() -> dict[str, str]:
     # no cursor-position requests: pexpect's pty does not answer them
-    return dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1",
-                PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm")
+    return repo_env(PROMPT_TOOLKIT_NO_CPR="1", TERM="xterm")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from litedeploy.cli.main import main
+from tests.helpers.subprocess_env import repo_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _litedeploy(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "litedeploy", *args], cwd=REPO_ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1"),
+                          env=repo_env(),
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
                           timeout=120)
 

@@ -4,7 +4,6 @@ not fit, and the KV cache is sized inside the cap (not from the device's free me
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from litedeploy.config import CacheConfig, EngineConfig, GenerationConfig, Model
 from litedeploy.engine.kv_cache import plan_cache
 from litedeploy.errors import ModelLoadError
 from litedeploy.loader.model_loader import build_model, gpu_memory_cap_bytes, module_tensor_bytes
+from tests.helpers.subprocess_env import repo_env
 from tests.helpers.tiny_models import TINY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def _model_config() -> ModelConfig:
 
 def _litedeploy(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "litedeploy", *args], cwd=REPO_ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1"),
+                          env=repo_env(),
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
                           timeout=180)
 
