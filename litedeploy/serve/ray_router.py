@@ -35,6 +35,12 @@ def _score(key: str, replica: RunningReplica) -> bytes:
 
 
 class PrefixAffinityRouter(RequestRouter):
+    # A replica that misses the queue-length probe's deadline is passed over for the next rank.
+    # Ray's 0.1 s suits replicas whose event loop is idle; ours answer while an engine prefills on
+    # every core, and under that load a missed probe sent a cached prefix to the other replica.
+    queue_len_response_deadline_s = 1.0
+    max_queue_len_response_deadline_s = 2.0
+
     def initialize_state(self, imbalanced_threshold: int = IMBALANCED_THRESHOLD, **_: Any) -> None:
         self.imbalanced_threshold = imbalanced_threshold
 
