@@ -51,12 +51,12 @@ def point_inductor_at_cache() -> str:
     return str(folder)
 
 
-def switched_off_by_env() -> bool:
-    return os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "no", "off")
-
-
-def forced_on_by_env() -> bool:
-    return os.environ.get(SWITCH_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+def env_switch() -> bool | None:
+    """LITEDEPLOY_CPU_COMPILE as set: False (off), True (on, even on an untested torch), or None."""
+    value = os.environ.get(SWITCH_ENV, "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    return True if value in ("1", "true", "yes", "on") else None
 
 
 def torch_compiles_in_background() -> bool:
@@ -73,9 +73,10 @@ def off_reason(device: torch.device, eager_mode: bool, quant_bits: int, tp_size:
         return "not a CPU engine"
     if eager_mode:
         return "--eager-mode"
-    if switched_off_by_env():
+    switch = env_switch()
+    if switch is False:
         return f"{SWITCH_ENV}={os.environ[SWITCH_ENV]}"
-    if not forced_on_by_env() and not torch_compiles_in_background():
+    if switch is None and not torch_compiles_in_background():
         return (f"torch {torch.__version__} < {MIN_TORCH_FOR_BACKGROUND_COMPILE}: "
                 f"{SWITCH_ENV}=1 compiles anyway")
     if quant_bits:
